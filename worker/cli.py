@@ -1,0 +1,444 @@
+"""`outbox-worker`: commands, flags, exit codes and what the operator reads.
+
+Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
+1 any other failure (one line saying what to do next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from worker import db, output
+from worker.config import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_ENDPOINT_URL,
+    Settings,
+    SettingsError,
+    parse_duration,
+)
+from worker.event import MAX_BODY_BYTES, InvalidEvent
+from worker.policy import RetryBudget
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad usage or configuration: exit 2 with this one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    key = os.environ.get("OUTBOX_MA_KEY", "")
+    output.configure_logging(args.log_level, secrets=[key] if key else [])
+    try:
+        return args.handler(args) or 0
+    except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent) as exc:
+        print(f"outbox-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except db.SchemaNotCurrent as exc:
+        print(f"outbox-worker: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except sa.exc.OperationalError as exc:
+        print(
+            f"outbox-worker: cannot use the database at {db.redact(args.database_url)}:"
+            f" {output.first_line(exc.orig)} (is it running and reachable?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except sa.exc.DBAPIError as exc:
+        print(f"outbox-worker: database error: {output.first_line(exc.orig)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"outbox-worker: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    engine = db.create_engine(args.database_url)
+    before, head = db.schema_revision(engine)
+    db.migrate(engine)
+    state = "already at" if before == head else f"migrated from {before or 'empty'} to"
+    print(f"{db.redact(args.database_url)}: {state} revision {head}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.daemon import Daemon
+    from worker.delivery import Deliverer
+    from worker.store import OutboxStore
+
+    settings = _settings(args).check()
+    engine = db.create_engine(settings.database_url)
+    deliverer = Deliverer(
+        settings.endpoint_url,
+        settings.ma_key,
+        timeout=settings.timeout,
+        pool_size=settings.concurrency,
+    )
+    daemon = Daemon(settings, OutboxStore(engine), deliverer)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop())
+    logging.getLogger("worker").info(
+        "delivering to %s from %s: concurrency %d, batch %d, lease %gs, rate limit %s",
+        settings.endpoint_url,
+        db.redact(settings.database_url),
+        settings.concurrency,
+        settings.batch_size,
+        settings.lease,
+        f"{settings.rate_limit:g}/s" if settings.rate_limit else "none",
+    )
+    return daemon.run()
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from worker.enqueue import insert_rows, prepare_row
+
+    if args.file is not None:
+        if args.email or args.event:
+            raise UsageError("give either --file or --email/--event, not both")
+        rows = _rows_from_jsonl(args.file, args.max_body_bytes)
+    else:
+        if not args.email or not args.event:
+            raise UsageError("give --email and --event, or --file FILE (JSON Lines, - for stdin)")
+        spec = {
+            "email": args.email,
+            "event": args.event,
+            "properties": _json_flag("--properties", args.properties),
+            "eventdata": _json_flag("--eventdata", args.eventdata),
+            "idempotency_key": args.idempotency_key,
+            "deliver_after": parse_duration(args.deliver_after) if args.deliver_after else None,
+        }
+        rows = [prepare_row(spec, args.max_body_bytes)]
+    engine = db.create_engine(args.database_url)
+    db.require_current_schema(engine)
+    with Session(engine) as session, session.begin():
+        ids = insert_rows(session.connection(), rows)
+    if len(ids) == 1:
+        print(f"enqueued outbox id {ids[0]}")
+    else:
+        print(
+            f"enqueued {len(ids)} events (outbox ids {min(ids, default=0)}..{max(ids, default=0)})"
+        )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    store = _store(args)
+    while True:
+        stats = store.stats()
+        if args.json:
+            print(json.dumps(stats.as_dict(), sort_keys=True))
+        else:
+            output.print_stats(stats, clear=args.watch)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    rows = _store(args).dead_letters(args.limit)
+    if args.json:
+        for row in rows:
+            print(json.dumps(output.row_dict(row), default=str, ensure_ascii=False))
+    else:
+        output.print_dead_letters(rows)
+    return 0
+
+
+def cmd_dead_requeue(args: argparse.Namespace) -> int:
+    _require_selection(args)
+    count = _store(args).requeue(args.id or (), args.status_code, args.all)
+    print(f"requeued {count} dead events")
+    return 0
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    if args.status_code is not None:
+        raise UsageError("purge takes --id or --all")
+    _require_selection(args)
+    count = _store(args).purge(args.id or (), args.all)
+    print(f"purged {count} dead events")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    count = _store(args).prune(parse_duration(args.older_than), include_dead=args.include_dead)
+    kinds = "delivered and dead" if args.include_dead else "delivered"
+    print(f"pruned {count} {kinds} events finished more than {args.older_than} ago")
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from worker.sink import Sink
+
+    key = _ma_key(args)
+    if not key:
+        raise UsageError("the sink needs the key it accepts: set OUTBOX_MA_KEY or --ma-key-file")
+    record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
+    sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
+    print(f"sink listening on {sink.url}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        sink.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.server.server_close()
+        if record:
+            record.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(args.database_url)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        database_url=args.database_url,
+        endpoint_url=args.endpoint_url,
+        ma_key=_ma_key(args),
+        budget=RetryBudget(
+            max_attempts=args.max_attempts,
+            max_age=parse_duration(args.max_age),
+            backoff_base=args.backoff_base,
+            backoff_max=args.backoff_max,
+        ),
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        poll_interval=args.poll_interval,
+        lease=args.lease,
+        rate_limit=args.rate_limit,
+        timeout=args.timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes,
+        exit_when_drained=args.exit_when_drained,
+        allow_insecure_endpoint=args.allow_insecure_endpoint,
+    )
+
+
+def _ma_key(args: argparse.Namespace) -> str:
+    """The key from --ma-key-file, else OUTBOX_MA_KEY: never from a flag `ps` would show."""
+    if args.ma_key_file:
+        try:
+            return Path(args.ma_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --ma-key-file: {exc.strerror}") from None
+    return os.environ.get("OUTBOX_MA_KEY", "").strip()
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from worker.store import OutboxStore
+
+    engine = db.create_engine(args.database_url)
+    db.require_current_schema(engine)
+    return OutboxStore(engine)
+
+
+def _require_selection(args: argparse.Namespace) -> None:
+    if not (args.id or args.status_code is not None or args.all):
+        raise UsageError("say which dead events: --id N [N ...], --status-code C, or --all")
+
+
+def _json_flag(flag: str, text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise UsageError(f"{flag} is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _rows_from_jsonl(path: str, max_body_bytes: int) -> list[dict[str, Any]]:
+    """Every line validated before anything is written: all or nothing."""
+    from worker.enqueue import prepare_row
+
+    stream: IO[bytes] = sys.stdin.buffer if path == "-" else _open_input(path)
+    rows = []
+    with stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"line {number}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, parse_constant=_no_constant)
+            except (ValueError, RecursionError) as exc:
+                raise UsageError(f"line {number}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise UsageError(f"line {number}: must be a JSON object")
+            try:
+                rows.append(prepare_row(record, max_body_bytes))
+            except InvalidEvent as exc:
+                raise UsageError(f"line {number}: {exc}") from None
+    if not rows:
+        raise UsageError(f"{path}: no events in it")
+    return rows
+
+
+def _open_input(path: str) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox-worker",
+        description="Deliver the outbox_events table to the track-event endpoint.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        default=os.environ.get("OUTBOX_DATABASE_URL", DEFAULT_DATABASE_URL),
+        help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
+    )
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    keyed = argparse.ArgumentParser(add_help=False)
+    keyed.add_argument(
+        "--ma-key-file",
+        help="read the ma-key from this file (else env OUTBOX_MA_KEY; never a flag)",
+    )
+    sub = parser.add_subparsers(metavar="command")
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str, parents=(common,)
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=list(parents))
+        p.set_defaults(handler=handler)
+        return p
+
+    command("migrate", cmd_migrate, "bring the database to the newest schema")
+
+    run = command("run", cmd_run, "the delivery daemon", parents=(common, keyed))
+    run.add_argument(
+        "--endpoint-url",
+        default=os.environ.get("OUTBOX_ENDPOINT_URL", DEFAULT_ENDPOINT_URL),
+        help="the track-event endpoint (env OUTBOX_ENDPOINT_URL; default %(default)s)",
+    )
+    run.add_argument("--exit-when-drained", action="store_true", help="exit 0 once nothing is due")
+    defaults, budget = Settings(), RetryBudget()
+    run.add_argument("--max-attempts", type=_positive_int, default=budget.max_attempts)
+    run.add_argument("--max-age", default="3d", help="give up on an event this old (default 3d)")
+    run.add_argument("--backoff-base", type=float, default=budget.backoff_base, help="seconds")
+    run.add_argument("--backoff-max", type=float, default=budget.backoff_max, help="seconds")
+    run.add_argument("--concurrency", type=_positive_int, default=defaults.concurrency)
+    run.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    run.add_argument("--poll-interval", type=float, default=defaults.poll_interval, help="seconds")
+    run.add_argument("--lease", type=float, default=defaults.lease, help="seconds a claim lasts")
+    run.add_argument(
+        "--rate-limit", type=float, default=defaults.rate_limit, help="requests/s, 0 for none"
+    )
+    run.add_argument(
+        "--timeout", type=float, default=defaults.timeout, help="request timeout, seconds"
+    )
+    run.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
+    run.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+    run.add_argument(
+        "--allow-insecure-endpoint",
+        action="store_true",
+        help="allow plain http to a host that is not loopback",
+    )
+
+    enqueue = command("enqueue", cmd_enqueue, "add events from flags or a JSON Lines file")
+    enqueue.add_argument("--email")
+    enqueue.add_argument("--event")
+    enqueue.add_argument("--properties", help="a JSON object")
+    enqueue.add_argument("--eventdata", help='a JSON object: {"id": "...", "data": {...}}')
+    enqueue.add_argument("--idempotency-key")
+    enqueue.add_argument("--deliver-after", help="a delay, e.g. 30s, 15m, 2h")
+    enqueue.add_argument("--file", help="JSON Lines, one event per line; - for stdin")
+    enqueue.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+
+    stats = command("stats", cmd_stats, "counts by status, backlog age, recent throughput")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+
+    dead = sub.add_parser("dead-letters", help="inspect and replay what failed")
+    dead_sub = dead.add_subparsers(metavar="action")
+    for name, handler, help_ in (
+        ("list", cmd_dead_list, "the newest dead events and why they failed"),
+        ("requeue", cmd_dead_requeue, "dead events back to pending, attempts 0, due now"),
+        ("purge", cmd_dead_purge, "delete dead events"),
+    ):
+        p = dead_sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(handler=handler)
+        if name == "list":
+            p.add_argument("--limit", type=_positive_int, default=50)
+            p.add_argument("--json", action="store_true", help="one JSON object per line")
+        else:
+            p.add_argument("--id", type=int, nargs="+", help="outbox ids")
+            p.add_argument(
+                "--status-code", type=int, help="every dead event whose last answer was C"
+            )
+            p.add_argument("--all", action="store_true", help="every dead event")
+
+    prune = command("prune", cmd_prune, "delete delivered (and optionally dead) events")
+    prune.add_argument("--older-than", default="7d", help="finished this long ago (default 7d)")
+    prune.add_argument("--include-dead", action="store_true", help="dead events too")
+
+    sink = command(
+        "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(common, keyed)
+    )
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=8080)
+    sink.add_argument("--refuse-event", action="append", help="answer 400 to events of this name")
+    sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
+
+    demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink")
+    demo.set_defaults(
+        database_url=os.environ.get("OUTBOX_DEMO_DATABASE_URL", "sqlite:///outbox-demo.db")
+    )
+    return parser
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""track_event and track_events: validate, then one INSERT in the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
+from worker.schema import outbox_events, seconds_from_now, utcnow
+
+DeliverAfter = dt.datetime | dt.timedelta | None
+
+# Rows per INSERT statement: far below SQLite's limit of bound parameters.
+_CHUNK = 500
+
+
+def track_event(
+    session: Session | sa.Connection,
+    *,
+    email: str,
+    event: str,
+    properties: Mapping[str, Any] | None = None,
+    eventdata: Mapping[str, Any] | None = None,
+    deliver_after: DeliverAfter = None,
+    idempotency_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> int:
+    """Record one event in the caller's open transaction and return its outbox id.
+
+    Nothing is committed or flushed: the event exists if and only if the
+    caller's transaction commits. A repeated idempotency_key inserts nothing
+    and returns the id of the row that has it.
+    """
+    row = prepare_row(
+        {
+            "email": email,
+            "event": event,
+            "properties": properties,
+            "eventdata": eventdata,
+            "deliver_after": deliver_after,
+            "idempotency_key": idempotency_key,
+        },
+        max_body_bytes,
+    )
+    return insert_rows(_connection(session), [row])[0]
+
+
+def track_events(
+    session: Session | sa.Connection,
+    events: Iterable[Mapping[str, Any]],
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> list[int]:
+    """Record many events with one INSERT per 500 rows; return their ids in the order given.
+
+    Every event is validated before any SQL is sent: one invalid event raises
+    InvalidEvent (naming its position) and nothing is written.
+    """
+    rows = []
+    for index, spec in enumerate(events):
+        try:
+            rows.append(prepare_row(spec, max_body_bytes))
+        except InvalidEvent as exc:
+            raise InvalidEvent(exc.field, f"{exc.rule} (event #{index})") from None
+    return insert_rows(_connection(session), rows) if rows else []
+
+
+def _connection(session: Session | sa.Connection) -> sa.Connection:
+    if isinstance(session, sa.Connection):
+        return session
+    if isinstance(session, Session):
+        # Session.connection() joins the caller's transaction without flushing
+        # their pending objects, which Session.execute() would do.
+        return session.connection()
+    raise TypeError(
+        f"track_event needs a SQLAlchemy Session or Connection, not {type(session).__name__}"
+    )
+
+
+_FIELDS = frozenset(
+    {"email", "event", "properties", "eventdata", "deliver_after", "idempotency_key"}
+)
+
+
+def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """Validate one event's arguments and return the row to insert, or raise InvalidEvent."""
+    if not isinstance(spec, Mapping):
+        raise InvalidEvent("event", f"must be a mapping of fields, not {type(spec).__name__}")
+    unknown = sorted(set(spec) - _FIELDS)
+    if unknown:
+        raise InvalidEvent(unknown[0], "is not an argument of track_event")
+    event = validate(
+        spec.get("email"),
+        spec.get("event"),
+        spec.get("properties"),
+        spec.get("eventdata"),
+        max_body_bytes=max_body_bytes,
+    )
+    key = spec.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise InvalidEvent("idempotency_key", "must be a non-empty string")
+    deliver_after = spec.get("deliver_after")
+    if deliver_after is not None and not isinstance(deliver_after, (dt.datetime, dt.timedelta)):
+        raise InvalidEvent("deliver_after", "must be a datetime or a timedelta")
+    row: dict[str, Any] = {
+        "email": event.email,
+        "event": event.event,
+        "properties": event.properties,
+        "eventdata": event.eventdata,
+        "idempotency_key": key,
+    }
+    # Every row names next_attempt_at (a multi-row VALUES needs the same
+    # columns in each); the database's clock, not this host's, says "now".
+    if isinstance(deliver_after, dt.timedelta):
+        row["next_attempt_at"] = seconds_from_now(deliver_after.total_seconds())
+    elif isinstance(deliver_after, dt.datetime):
+        row["next_attempt_at"] = deliver_after
+    else:
+        row["next_attempt_at"] = utcnow()
+    return row
+
+
+def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert prepared rows through the caller's connection; their ids in the order given."""
+    ids: list[int] = []
+    for start in range(0, len(rows), _CHUNK):
+        ids.extend(_insert_chunk(connection, rows[start : start + _CHUNK]))
+    return ids
+
+
+def _insert_chunk(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(outbox_events)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(outbox_events.c.id, outbox_events.c.idempotency_key)
+    )
+    inserted = connection.execute(statement).all()
+    # Ids are assigned in VALUES order, so unkeyed rows map back by position.
+    unkeyed = iter(sorted(r.id for r in inserted if r.idempotency_key is None))
+    by_key = {r.idempotency_key: r.id for r in inserted if r.idempotency_key is not None}
+    missing = {row["idempotency_key"] for row in rows if row["idempotency_key"]} - set(by_key)
+    if missing:
+        existing = connection.execute(
+            sa.select(outbox_events.c.idempotency_key, outbox_events.c.id).where(
+                outbox_events.c.idempotency_key.in_(missing)
+            )
+        )
+        by_key.update({key: id_ for key, id_ in existing})
+    return [
+        by_key[row["idempotency_key"]] if row["idempotency_key"] else next(unkeyed) for row in rows
+    ]

@@ -1,0 +1,192 @@
+"""What a valid event is, and the exact JSON body sent for it.
+
+Used twice: by `track_event` before anything is written, and by the daemon for
+rows that another program inserted with plain SQL. It knows nothing of
+databases or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_BODY_BYTES = 64 * 1024
+RESERVED_PROPERTY_KEYS = frozenset({"email", "event"})
+
+# No whitespace, exactly one "@", a non-empty local part, a domain with a dot
+# that neither starts nor ends it.
+_EMAIL = re.compile(r"[^\s@]+@[^\s@.][^\s@]*\.[^\s@]*[^\s@.]")
+
+
+class InvalidEvent(ValueError):
+    """An event that the track-event endpoint would refuse, named by field and rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class Event:
+    """A validated event: the fields exactly as they will be sent."""
+
+    email: str
+    event: str
+    properties: dict[str, Any] | None = None
+    eventdata: dict[str, Any] | None = None
+
+    def body(self) -> bytes:
+        """The request body: only the fields given, no invented nulls."""
+        payload: dict[str, Any] = {"email": self.email, "event": self.event}
+        if self.properties is not None:
+            payload["properties"] = self.properties
+        if self.eventdata is not None:
+            payload["eventdata"] = self.eventdata
+        return _dumps(payload).encode("utf-8")
+
+
+def validate(
+    email: Any,
+    event: Any,
+    properties: Any = None,
+    eventdata: Any = None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Event:
+    """Check every rule of the endpoint and return the event, or raise InvalidEvent."""
+    if email is None:
+        raise InvalidEvent("email", "is required")
+    if not isinstance(email, str):
+        raise InvalidEvent("email", f"must be a string, not {type(email).__name__}")
+    if not email:
+        raise InvalidEvent("email", "must not be empty")
+    if not _EMAIL.fullmatch(email):
+        raise InvalidEvent(
+            "email",
+            "is not an address (one @, no whitespace, a domain with a dot)",
+        )
+    if event is None:
+        raise InvalidEvent("event", "is required")
+    if not isinstance(event, str):
+        raise InvalidEvent("event", f"must be a string, not {type(event).__name__}")
+    if not event.strip():
+        raise InvalidEvent("event", "must not be empty")
+    _check_text("email", email)
+    _check_text("event", event)
+    if properties is not None:
+        _check_object("properties", properties)
+        reserved = sorted(RESERVED_PROPERTY_KEYS.intersection(properties))
+        if reserved:
+            raise InvalidEvent("properties", f"must not use the reserved key {reserved[0]!r}")
+        _check_json("properties", properties)
+    if eventdata is not None:
+        _check_object("eventdata", eventdata)
+        if "id" in eventdata and not isinstance(eventdata["id"], str):
+            raise InvalidEvent("eventdata", "id must be a string")
+        if "data" in eventdata and not isinstance(eventdata["data"], Mapping):
+            raise InvalidEvent("eventdata", "data must be an object")
+        _check_json("eventdata", eventdata)
+    result = Event(
+        email,
+        event,
+        dict(properties) if properties is not None else None,
+        dict(eventdata) if eventdata is not None else None,
+    )
+    size = len(result.body())
+    if size > max_body_bytes:
+        raise InvalidEvent("body", f"size {size} bytes is over the limit of {max_body_bytes}")
+    return result
+
+
+def from_stored(
+    email: Any,
+    event: Any,
+    properties_json: str | None,
+    eventdata_json: str | None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Event:
+    """Validate a row as stored: its JSON columns still as text, possibly malformed."""
+    return validate(
+        email,
+        event,
+        _loads("properties", properties_json),
+        _loads("eventdata", eventdata_json),
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def from_json_object(obj: Any, *, max_body_bytes: int = MAX_BODY_BYTES) -> Event:
+    """Validate one decoded JSON Lines record: an object with only the event's fields."""
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent("event", "each line must be a JSON object")
+    unknown = sorted(set(obj) - {"email", "event", "properties", "eventdata"})
+    if unknown:
+        raise InvalidEvent(unknown[0], "is not a field of an event")
+    return validate(
+        obj.get("email"),
+        obj.get("event"),
+        obj.get("properties"),
+        obj.get("eventdata"),
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def _check_object(field: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise InvalidEvent(field, f"must be a JSON object, not {type(value).__name__}")
+
+
+def _check_text(field: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent(field, "is not valid UTF-8 text") from None
+    if "\x00" in value:
+        raise InvalidEvent(field, "must not contain a NUL character")
+
+
+def _check_json(field: str, value: Any) -> None:
+    try:
+        text = _dumps(value)
+    except RecursionError:
+        raise InvalidEvent(field, "is nested too deeply") from None
+    except ValueError as exc:
+        # allow_nan=False and circular references both land here.
+        if "Circular" in str(exc):
+            raise InvalidEvent(field, "contains a circular reference") from None
+        raise InvalidEvent(
+            field, "contains a number that is not finite (NaN or infinity)"
+        ) from None
+    except TypeError as exc:
+        raise InvalidEvent(field, f"is not JSON-serialisable ({exc})") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent(field, "contains text that is not valid UTF-8") from None
+    if "\\u0000" in text:
+        # PostgreSQL's jsonb cannot store the NUL character.
+        raise InvalidEvent(field, "must not contain a NUL character")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(field: str, text: Any) -> Any:
+    if text is None:
+        return None
+    if isinstance(text, (dict, list)):
+        return text
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidEvent(field, "is not valid JSON") from None

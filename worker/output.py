@@ -1,0 +1,131 @@
+"""What the operator reads: log lines, tables, figures. Secrets never get through."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from worker.store import Stats
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence: a secret that reaches a log record is replaced before output."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        text = message
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        if text != message or record.exc_info:
+            record.msg, record.args = text, None
+        if record.exc_info:
+            # A traceback could quote a header; keep its one-line summary only.
+            exc = record.exc_info[1]
+            record.msg = f"{text} ({type(exc).__name__})"
+            record.exc_info = None
+        return True
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + (
+            f".{int(record.msecs):03d}Z"
+        )
+
+
+def configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("worker").setLevel(level)
+
+
+def first_line(exc: object) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def row_dict(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def print_stats(stats: Stats, clear: bool = False) -> None:
+    lines = [
+        *(f"{status:<22}{count:>12,}" for status, count in stats.counts.items()),
+        f"{'due now':<22}{stats.due:>12,}",
+        f"{'oldest pending':<22}{_age(stats.oldest_pending_age_s):>12}",
+        f"{'oldest due':<22}{_age(stats.oldest_due_age_s):>12}",
+        f"{'delivered last 60s':<22}{stats.delivered_last_minute:>12,}"
+        f"  ({stats.delivered_last_minute / 60:.1f}/s)",
+    ]
+    if stats.dead_by_status_code:
+        lines.append("dead by last status code:")
+        lines += [f"  {code:<20}{n:>12,}" for code, n in stats.dead_by_status_code.items()]
+    if clear:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%SZ")
+        print(f"\x1b[H\x1b[2Joutbox stats at {stamp} (Ctrl-C to stop)")
+    print("\n".join(lines), flush=True)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], widths: Sequence[int]) -> str:
+    """A plain fixed-width table; the last column takes what is left."""
+
+    def cell(value: Any, width: int) -> str:
+        text = "-" if value is None else str(value).replace("\n", " ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    out = ["  ".join(cell(h, w).ljust(w) for h, w in zip(headers, widths, strict=True))]
+    out += [
+        "  ".join(cell(v, w).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+    return "\n".join(out)
+
+
+def print_dead_letters(rows: Sequence[Any]) -> None:
+    if not rows:
+        print("no dead letters")
+        return
+    print(
+        table(
+            ["id", "email", "event", "code", "tries", "failed at (UTC)", "last error"],
+            (
+                (
+                    r.id,
+                    r.email,
+                    r.event,
+                    r.last_status_code,
+                    r.attempts,
+                    r.failed_at.strftime("%Y-%m-%d %H:%M:%S") if r.failed_at else None,
+                    r.last_error,
+                )
+                for r in rows
+            ),
+            [8, 28, 20, 5, 5, 19, 70],
+        )
+    )

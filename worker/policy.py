@@ -1,0 +1,131 @@
+"""What an answer means: the status-code table, the retry schedule and its budget.
+
+Pure decisions, no SQL and no HTTP sessions: an `Answer` (what came back) and
+the row's history go in, an `Outcome` (what to write) comes out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+import tenacity
+
+
+class Verdict(enum.Enum):
+    DELIVERED = "delivered"  # 2xx: done
+    RETRY = "retry"  # may succeed later: charged to the retry budget
+    DEAD = "dead"  # will never succeed: dead at once
+    HALT = "halt"  # our setup is wrong (key, URL): stop everyone, charge nothing
+    THROTTLE = "throttle"  # 429: slow the whole daemon, charge nothing
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one HTTP attempt gave: a status code, or an error and no code."""
+
+    status_code: int | None
+    error: str | None = None  # the endpoint's code and message, or the network error
+    duration_ms: int = 0
+    retry_after: float | None = None  # seconds, from Retry-After or x-sib-ratelimit-reset
+    rate_limit_exhausted: bool = False  # x-sib-ratelimit-remaining said 0
+
+
+def classify(status_code: int | None) -> Verdict:
+    """The classification table of the contract (section 4 and 6)."""
+    if status_code is None:  # timeout, refused, reset, TLS failure
+        return Verdict.RETRY
+    if 200 <= status_code < 300:
+        return Verdict.DELIVERED
+    if status_code in (401, 403, 404) or 300 <= status_code < 400:
+        return Verdict.HALT
+    if status_code == 429:
+        return Verdict.THROTTLE
+    if status_code == 408 or status_code >= 500:
+        return Verdict.RETRY
+    return Verdict.DEAD  # 400, 413, 422 and every other 4xx
+
+
+@dataclass(frozen=True)
+class RetryBudget:
+    """How long and how often a failing event is retried before it is dead."""
+
+    max_attempts: int = 12
+    max_age: dt.timedelta = dt.timedelta(days=3)
+    backoff_base: float = 2.0  # seconds before the first retry (about)
+    backoff_max: float = 3600.0  # no wait longer than this
+
+    def __post_init__(self) -> None:
+        # Equal jitter from tenacity's strategies: half the exponential step is
+        # fixed, half random, so retries spread out but never come at once.
+        half_base, half_max = self.backoff_base / 2, self.backoff_max / 2
+        wait = tenacity.wait_exponential(multiplier=half_base, max=half_max)
+        jitter = tenacity.wait_random_exponential(multiplier=half_base, max=half_max)
+        object.__setattr__(self, "_wait", wait + jitter)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after the given failed attempt (1 for the first)."""
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return float(self._wait(state))  # type: ignore[attr-defined]
+
+
+class Action(enum.Enum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD = "dead"
+    RELEASE = "release"  # back to pending, uncharged (halt, throttle, shutdown)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to write for one claimed row."""
+
+    action: Action
+    status_code: int | None = None
+    error: str | None = None
+    retry_in: float = 0.0  # seconds until next_attempt_at
+    charged: bool = True  # counts one attempt and writes one outbox_attempts row
+    duration_ms: int = 0
+
+
+def decide(
+    answer: Answer,
+    attempts_before: int,
+    age: dt.timedelta,
+    budget: RetryBudget,
+) -> tuple[Verdict, Outcome]:
+    """Turn one answer into the row's next state."""
+    verdict = classify(answer.status_code)
+    code, error, ms = answer.status_code, answer.error, answer.duration_ms
+    if verdict is Verdict.DELIVERED:
+        return verdict, Outcome(Action.DELIVERED, code, None, duration_ms=ms)
+    if verdict in (Verdict.HALT, Verdict.THROTTLE):
+        return verdict, Outcome(Action.RELEASE, code, error, charged=False, duration_ms=ms)
+    if verdict is Verdict.DEAD:
+        return verdict, Outcome(Action.DEAD, code, error, duration_ms=ms)
+    attempt = attempts_before + 1
+    wait = budget.backoff(attempt)
+    if attempt >= budget.max_attempts:
+        reason = f"{error} (gave up after {attempt} attempts)"
+        return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
+    if age + dt.timedelta(seconds=wait) > budget.max_age:
+        reason = f"{error} (gave up: older than {_human(budget.max_age)})"
+        return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
+    return verdict, Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
+
+
+def throttle_pause(answer: Answer, budget: RetryBudget, streak: int) -> float:
+    """How long the whole daemon pauses after a 429: the server's word, else backoff."""
+    if answer.retry_after is not None:
+        return max(0.0, min(answer.retry_after, budget.backoff_max))
+    return budget.backoff(streak)
+
+
+def _human(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -1,0 +1,175 @@
+"""The outbox tables, states and indexes as SQLAlchemy metadata.
+
+The migrations under migrations/ are written from this and a test checks the
+migrated database against it, on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+# Events still owed to the endpoint: these block newer events of their contact.
+OPEN_STATUSES = (Status.PENDING.value, Status.IN_FLIGHT.value)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Timestamps are UTC everywhere: timestamptz on PostgreSQL, naive UTC text on SQLite.
+
+    A naive datetime given by the caller is taken as UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class utcnow(FunctionElement[dt.datetime]):
+    """The database's clock in UTC, so every daemon on every host agrees on "now"."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_pg(element: utcnow, compiler: Any, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: Any, **kw: Any) -> str:
+    # Millisecond text in the same layout SQLAlchemy writes, so values compare as text.
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+class seconds_from_now(FunctionElement[dt.datetime]):
+    """The database's clock plus a number of seconds (a bound value or column)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: Any) -> None:
+        super().__init__(seconds)
+
+
+@compiles(seconds_from_now, "postgresql")
+def _later_pg(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return f"now() + make_interval(secs => {compiler.process(seconds, **kw)})"
+
+
+@compiles(seconds_from_now, "sqlite")
+def _later_sqlite(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    arg = compiler.process(seconds, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {arg}))"
+
+
+_JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+outbox_events = sa.Table(
+    "outbox_events",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    sa.Column("email", sa.Text(), nullable=False),
+    sa.Column("event", sa.Text(), nullable=False),
+    sa.Column("properties", _JSON, nullable=True),
+    sa.Column("eventdata", _JSON, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.Column("failed_at", UTCDateTime(), nullable=True),
+    sa.Column("last_status_code", sa.Integer(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("idempotency_key", sa.Text(), nullable=True),
+    # Who holds an in_flight row ("host:pid:claim") and until when.
+    sa.Column("lease_token", sa.String(128), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.CheckConstraint(
+        "status IN ('pending', 'in_flight', 'delivered', 'dead')",
+        name="ck_outbox_events_status",
+    ),
+    sa.UniqueConstraint("idempotency_key", name="uq_outbox_events_idempotency_key"),
+)
+
+_open = "status IN ('pending', 'in_flight')"
+_pending = "status = 'pending'"
+_in_flight = "status = 'in_flight'"
+
+# Claiming reads only pending rows, in due order: the index holds no history, so
+# its cost does not grow with the delivered rows kept in the table.
+sa.Index(
+    "ix_outbox_events_due",
+    outbox_events.c.next_attempt_at,
+    outbox_events.c.id,
+    postgresql_where=sa.text(_pending),
+    sqlite_where=sa.text(_pending),
+)
+# Per-contact order: "is an older event of this contact still open?" is one probe.
+sa.Index(
+    "ix_outbox_events_open_contact",
+    sa.func.lower(outbox_events.c.email),
+    outbox_events.c.id,
+    postgresql_where=sa.text(_open),
+    sqlite_where=sa.text(_open),
+)
+# Lease rescue finds expired claims without reading history.
+sa.Index(
+    "ix_outbox_events_lease",
+    outbox_events.c.lease_expires_at,
+    postgresql_where=sa.text(_in_flight),
+    sqlite_where=sa.text(_in_flight),
+)
+# Counts by status, recent throughput and pruning of delivered history.
+sa.Index("ix_outbox_events_status_delivered", outbox_events.c.status, outbox_events.c.delivered_at)
+
+outbox_attempts = sa.Table(
+    "outbox_attempts",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column(
+        "event_id",
+        _ID,
+        sa.ForeignKey("outbox_events.id", ondelete="CASCADE", name="fk_outbox_attempts_event_id"),
+        nullable=False,
+    ),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("attempted_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    sa.Column("status_code", sa.Integer(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("duration_ms", sa.Integer(), nullable=True),
+)
+sa.Index("ix_outbox_attempts_event_id", outbox_attempts.c.event_id)

@@ -1,0 +1,383 @@
+"""The only code that reads and writes the outbox for the daemon and the operator.
+
+Every statement is SQLAlchemy Core, built once at import and shared by
+SQLite and PostgreSQL; where they differ (row locks, NOTIFY) the difference
+is named here. Hot-path work is set-based: one claim statement per batch,
+one transaction per batch of outcomes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from worker.policy import Action, Outcome
+from worker.schema import outbox_attempts, outbox_events, seconds_from_now, utcnow
+
+e = outbox_events
+
+# Literal status values (not bound parameters), so that PostgreSQL's planner
+# matches the partial indexes' predicates on every plan, generic ones included.
+_PENDING = sa.literal_column("'pending'")
+_IN_FLIGHT = sa.literal_column("'in_flight'")
+_DELIVERED = sa.literal_column("'delivered'")
+_DEAD = sa.literal_column("'dead'")
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    """A row this daemon holds: the stored fields (JSON still as text) and its lease."""
+
+    id: int
+    email: Any
+    event: Any
+    properties: str | None
+    eventdata: str | None
+    attempts: int
+    created_at: dt.datetime
+    lease_token: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """An outcome to write for a claimed row, if the row is still ours."""
+
+    event: ClaimedEvent
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[str, int]
+    due: int
+    oldest_pending_age_s: float | None
+    oldest_due_age_s: float | None
+    delivered_last_minute: int
+    dead_by_status_code: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "due": self.due,
+            "oldest_pending_age_s": self.oldest_pending_age_s,
+            "oldest_due_age_s": self.oldest_due_age_s,
+            "delivered_last_minute": self.delivered_last_minute,
+            "dead_by_status_code": self.dead_by_status_code,
+        }
+
+
+def _claim_statement() -> sa.Update:
+    older = e.alias("older")
+    older_open = sa.exists().where(
+        sa.func.lower(older.c.email) == sa.func.lower(e.c.email),
+        older.c.id < e.c.id,
+        older.c.status.in_([_PENDING, _IN_FLIGHT]),
+    )
+    due = (
+        sa.select(e.c.id)
+        .where(e.c.status == _PENDING, e.c.next_attempt_at <= utcnow(), ~older_open)
+        .order_by(e.c.next_attempt_at, e.c.id)
+        .limit(sa.bindparam("b_limit"))
+        # PostgreSQL: claimers on other hosts skip each other's rows instead of
+        # waiting. SQLite renders no lock clause: its writers are serialised.
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        sa.update(e)
+        .where(e.c.id.in_(due.scalar_subquery()))
+        .values(
+            status=_IN_FLIGHT,
+            lease_token=sa.bindparam("b_token"),
+            lease_expires_at=seconds_from_now(sa.bindparam("b_lease", type_=sa.Float)),
+        )
+        .returning(
+            e.c.id,
+            e.c.email,
+            e.c.event,
+            sa.cast(e.c.properties, sa.Text).label("properties"),
+            sa.cast(e.c.eventdata, sa.Text).label("eventdata"),
+            e.c.attempts,
+            e.c.created_at,
+        )
+    )
+
+
+_CLAIM = _claim_statement()
+
+# An outcome only lands on a row still in_flight under the same claim: a late
+# answer never overwrites a row that lease rescue gave to another daemon.
+_STILL_OURS = sa.and_(
+    e.c.id == sa.bindparam("b_id"),
+    e.c.status == _IN_FLIGHT,
+    e.c.lease_token == sa.bindparam("b_token"),
+)
+_NO_LEASE = {"lease_token": None, "lease_expires_at": None}
+_LATER = seconds_from_now(sa.bindparam("b_retry_in", type_=sa.Float))
+
+_WRITE = {
+    Action.DELIVERED: sa.update(e)
+    .where(_STILL_OURS)
+    .values(
+        status=_DELIVERED,
+        attempts=e.c.attempts + 1,
+        delivered_at=utcnow(),
+        last_status_code=sa.bindparam("b_code"),
+        last_error=None,
+        **_NO_LEASE,
+    ),
+    Action.RETRY: sa.update(e)
+    .where(_STILL_OURS)
+    .values(
+        status=_PENDING,
+        attempts=e.c.attempts + 1,
+        next_attempt_at=_LATER,
+        last_status_code=sa.bindparam("b_code"),
+        last_error=sa.bindparam("b_error"),
+        **_NO_LEASE,
+    ),
+    Action.DEAD: sa.update(e)
+    .where(_STILL_OURS)
+    .values(
+        status=_DEAD,
+        attempts=e.c.attempts + sa.bindparam("b_charge"),
+        failed_at=utcnow(),
+        last_status_code=sa.bindparam("b_code"),
+        last_error=sa.bindparam("b_error"),
+        **_NO_LEASE,
+    ),
+    # Halt, throttle and shutdown: back in the queue, no attempt spent. The
+    # answer that stopped it is kept, so an operator sees why rows wait.
+    Action.RELEASE: sa.update(e)
+    .where(_STILL_OURS)
+    .values(
+        status=_PENDING,
+        next_attempt_at=_LATER,
+        last_status_code=sa.func.coalesce(sa.bindparam("b_code"), e.c.last_status_code),
+        last_error=sa.func.coalesce(sa.bindparam("b_error"), e.c.last_error),
+        **_NO_LEASE,
+    ),
+}
+
+_ATTEMPT = sa.insert(outbox_attempts).from_select(
+    ["event_id", "attempt", "status_code", "error", "duration_ms"],
+    sa.select(
+        e.c.id,
+        sa.bindparam("b_attempt", type_=sa.Integer),
+        sa.bindparam("b_code", type_=sa.Integer),
+        sa.bindparam("b_error", type_=sa.Text),
+        sa.bindparam("b_ms", type_=sa.Integer),
+    ).where(_STILL_OURS),
+)
+
+_RESCUE = (
+    sa.update(e)
+    .where(e.c.status == _IN_FLIGHT, e.c.lease_expires_at < utcnow())
+    .values(status=_PENDING, next_attempt_at=utcnow(), **_NO_LEASE)
+    .returning(e.c.id)
+)
+
+
+class OutboxStore:
+    """The outbox, as the daemon and the operator's commands see it."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # -- the delivery loop -------------------------------------------------
+
+    def claim_due(self, limit: int, lease_seconds: float, token: str) -> list[ClaimedEvent]:
+        """Take up to `limit` due rows, oldest due first, at most one per contact."""
+        params = {"b_limit": limit, "b_token": token, "b_lease": lease_seconds}
+        with self.engine.begin() as conn:
+            rows = conn.execute(_CLAIM, params).all()
+        claimed = [
+            ClaimedEvent(
+                r.id, r.email, r.event, r.properties, r.eventdata, r.attempts, r.created_at, token
+            )
+            for r in rows
+        ]
+        claimed.sort(key=lambda c: c.id)
+        return claimed
+
+    def record(self, records: Sequence[Record]) -> None:
+        """Write a batch of outcomes in one transaction: one statement per kind of outcome."""
+        if not records:
+            return
+        attempts = [_attempt_params(r) for r in records if _writes_attempt(r.outcome)]
+        by_action: dict[Action, list[dict[str, Any]]] = {}
+        for r in records:
+            by_action.setdefault(r.outcome.action, []).append(_write_params(r))
+        with self.engine.begin() as conn:
+            if attempts:
+                conn.execute(_ATTEMPT, attempts)
+            for action, params in by_action.items():
+                conn.execute(_WRITE[action], params)
+
+    def rescue_expired_leases(self) -> list[int]:
+        """Put rows whose claim has expired (a daemon died) back in the queue."""
+        with self.engine.begin() as conn:
+            return sorted(conn.execute(_RESCUE).scalars())
+
+    # -- the operator's commands ---------------------------------------------
+
+    def stats(self) -> Stats:
+        with self.engine.connect() as conn:
+            counts = {s: 0 for s in ("pending", "in_flight", "delivered", "dead")}
+            counts.update(
+                {
+                    s: n
+                    for s, n in conn.execute(
+                        sa.select(e.c.status, sa.func.count()).group_by(e.c.status)
+                    )
+                }
+            )
+            now = conn.execute(sa.select(utcnow())).scalar_one()
+            oldest_pending = conn.execute(
+                sa.select(sa.func.min(e.c.created_at)).where(e.c.status == _PENDING)
+            ).scalar_one()
+            due_count, oldest_due = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
+                    e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
+                )
+            ).one()
+            recent = conn.execute(
+                sa.select(sa.func.count()).where(
+                    e.c.status == _DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
+                )
+            ).scalar_one()
+            dead = conn.execute(
+                sa.select(e.c.last_status_code, sa.func.count())
+                .where(e.c.status == _DEAD)
+                .group_by(e.c.last_status_code)
+            ).all()
+        return Stats(
+            counts=counts,
+            due=due_count,
+            oldest_pending_age_s=_age(now, oldest_pending),
+            oldest_due_age_s=_age(now, _as_utc(oldest_due)),
+            delivered_last_minute=recent,
+            dead_by_status_code={
+                ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
+            },
+        )
+
+    def dead_letters(self, limit: int = 50) -> list[sa.Row[Any]]:
+        """The newest dead rows with why they failed, as the outbox_dead_letters view shows."""
+        view = sa.table(
+            "outbox_dead_letters",
+            *(sa.column(n) for n in ("id", "email", "event", "attempts", "last_status_code")),
+            sa.column("last_error"),
+            sa.column("failed_at", type_=e.c.failed_at.type),
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(view).order_by(view.c.id.desc()).limit(limit)).all()
+
+    def requeue(
+        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
+    ) -> int:
+        """Dead rows back to pending with a fresh budget, due now."""
+        where = _dead_selection(ids, status_code, everything)
+        statement = (
+            sa.update(e)
+            .where(where)
+            .values(status=_PENDING, attempts=0, next_attempt_at=utcnow(), failed_at=None)
+        )
+        with self.engine.begin() as conn:
+            count = conn.execute(statement).rowcount
+            if count and self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_notify('outbox_events', '')"))
+        return count
+
+    def purge(self, ids: Iterable[int] = (), everything: bool = False) -> int:
+        """Delete dead rows (their attempt history goes with them)."""
+        where = _dead_selection(ids, None, everything)
+        with self.engine.begin() as conn:
+            return conn.execute(sa.delete(e).where(where)).rowcount
+
+    def prune(
+        self, older_than: dt.timedelta, include_dead: bool = False, batch_size: int = 1000
+    ) -> int:
+        """Delete delivered (and optionally dead) rows finished before `older_than` ago.
+
+        In small batches, each its own transaction, so a large prune never holds
+        long locks or one huge transaction.
+        """
+        cutoff = seconds_from_now(-older_than.total_seconds())
+        finished = e.c.status == _DELIVERED
+        if include_dead:
+            finished = sa.or_(
+                sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff),
+                sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff),
+            )
+        else:
+            finished = sa.and_(finished, e.c.delivered_at < cutoff)
+        batch = sa.select(e.c.id).where(finished).limit(batch_size).scalar_subquery()
+        statement = sa.delete(e).where(e.c.id.in_(batch))
+        total = 0
+        while True:
+            with self.engine.begin() as conn:
+                deleted = conn.execute(statement).rowcount
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+
+def _dead_selection(ids: Iterable[int], status_code: int | None, everything: bool) -> Any:
+    ids = list(ids)
+    if not (ids or status_code is not None or everything):
+        raise ValueError("name the dead rows: ids, a status code, or everything")
+    where = e.c.status == _DEAD
+    if ids:
+        where = sa.and_(where, e.c.id.in_(ids))
+    if status_code is not None:
+        where = sa.and_(where, e.c.last_status_code == status_code)
+    return where
+
+
+def _writes_attempt(outcome: Outcome) -> bool:
+    # Every charged failure leaves a row; a delivery and an uncharged answer do not.
+    return outcome.charged and outcome.action in (Action.RETRY, Action.DEAD)
+
+
+def _attempt_params(r: Record) -> dict[str, Any]:
+    return {
+        "b_id": r.event.id,
+        "b_token": r.event.lease_token,
+        "b_attempt": r.event.attempts + 1,
+        "b_code": r.outcome.status_code,
+        "b_error": r.outcome.error,
+        "b_ms": r.outcome.duration_ms,
+    }
+
+
+def _write_params(r: Record) -> dict[str, Any]:
+    o = r.outcome
+    params: dict[str, Any] = {
+        "b_id": r.event.id,
+        "b_token": r.event.lease_token,
+        "b_code": o.status_code,
+    }
+    if o.action is not Action.DELIVERED:
+        params["b_error"] = o.error
+    if o.action in (Action.RETRY, Action.RELEASE):
+        params["b_retry_in"] = o.retry_in
+    if o.action is Action.DEAD:
+        params["b_charge"] = 1 if o.charged else 0
+    return params
+
+
+def _as_utc(value: Any) -> dt.datetime | None:
+    return (
+        e.c.next_attempt_at.type.process_result_value(value, None)
+        if isinstance(value, str)
+        else value
+    )
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return None if then is None else max(0.0, (now - then).total_seconds())

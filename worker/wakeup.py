@@ -1,0 +1,66 @@
+"""Wake-ups: PostgreSQL's LISTEN/NOTIFY where there is one, polling always as the fallback.
+
+A trigger on outbox_events notifies the channel after every inserting
+statement. The listener is its own connection on its own thread; when it
+dies, it says so once, the daemon keeps polling, and it listens again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+import sqlalchemy as sa
+
+CHANNEL = "outbox_events"
+log = logging.getLogger("worker.wakeup")
+
+
+class Listener:
+    """Sets `wake` whenever the outbox channel is notified."""
+
+    def __init__(self, url: sa.URL, wake: threading.Event, check_interval: float = 5.0) -> None:
+        # libpq takes the same URL without SQLAlchemy's driver suffix.
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._wake = wake
+        self._check_interval = check_interval
+        self._stopping = threading.Event()
+        self.listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if failures:
+                        log.info("wake-ups restored: listening on %r again", CHANNEL)
+                    failures = 0
+                    self.listening.set()
+                    # A notification may have been missed while we were away.
+                    self._wake.set()
+                    while not self._stopping.is_set():
+                        for _ in conn.notifies(timeout=self._check_interval):
+                            self._wake.set()
+                        # No notification for a while: prove the connection is alive,
+                        # so a silently dead listener is found within one interval.
+                        conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                self.listening.clear()
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "wake-ups off (%s); polling until the listener reconnects",
+                        str(exc).strip().splitlines()[0]
+                        if str(exc).strip()
+                        else type(exc).__name__,
+                    )
+                self._stopping.wait(min(30.0, 0.5 * 2**failures))
