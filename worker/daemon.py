@@ -68,6 +68,7 @@ class Daemon:
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Listener | None = None
+        self._patience = self._patience_policy()
         self.delivered = 0
 
     # -- control -------------------------------------------------------------
@@ -334,14 +335,16 @@ class Daemon:
 
     def _db(self, call: Callable[[], T]) -> T:
         """Run a store call; while the database is unreachable, log, back off and retry."""
-        retrying = tenacity.Retrying(
+        return self._patience(call)
+
+    def _patience_policy(self) -> tenacity.Retrying:
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_transient),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=30.0),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=30.0) + tenacity.wait_random(0, 0.5),
             stop=lambda _state: self._stopping.is_set(),
             before_sleep=_log_db_retry,
             reraise=True,
         )
-        return retrying(call)
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -1,0 +1,143 @@
+"""Shared fixtures: a real PostgreSQL server, SQLite files, a real HTTP endpoint.
+
+`db_url` runs a test on both backends. Every test gets its own database:
+a copy of a migrated template on PostgreSQL, a fresh migrated file on SQLite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.endpoint import Endpoint
+from tests.pgserver import PostgresServer
+from worker import db
+from worker.config import Settings
+from worker.daemon import Daemon
+from worker.delivery import Deliverer
+from worker.policy import RetryBudget
+from worker.store import OutboxStore
+
+KEY = "test-ma-key-5f0c2a9e7d"  # the secret the tests look for in every output
+SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+SAMPLE_EVENTS = Path(__file__).resolve().parents[1] / "worker" / "demo_events.jsonl"
+_db_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    engine = sa.create_engine(server.url(), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text("CREATE DATABASE outbox_template"))
+    engine.dispose()
+    template = db.create_engine(server.url("outbox_template"))
+    db.migrate(template)
+    template.dispose()
+    yield server
+    server.destroy()
+
+
+def new_pg_database(server: PostgresServer) -> str:
+    name = f"outbox_test_{next(_db_numbers)}"
+    engine = sa.create_engine(server.url(), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE outbox_template"))
+    engine.dispose()
+    return server.url(name)
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    return new_pg_database(pg_server)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    engine = db.create_engine(url)
+    db.migrate(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = db.create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> OutboxStore:
+    return OutboxStore(engine)
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    server = Endpoint()
+    yield server
+    server.close()
+
+
+def fast_settings(db_url: str, endpoint_url: str, **overrides: Any) -> Settings:
+    """Settings for a test: short waits, drains and exits."""
+    budget = overrides.pop("budget", RetryBudget(backoff_base=0.05, backoff_max=0.2))
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "endpoint_url": endpoint_url,
+        "ma_key": KEY,
+        "budget": budget,
+        "concurrency": 4,
+        "batch_size": 20,
+        "poll_interval": 0.05,
+        "timeout": 2.0,
+        "lease": 10.0,
+        "halt_probe_interval": 0.2,
+        "exit_when_drained": True,
+        **overrides,
+    }
+    return Settings(**values).check()
+
+
+def deliver(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> int:
+    """Run the real daemon in this process until drained; return its exit code."""
+    settings = fast_settings(str(engine.url), endpoint_url, **overrides)
+    deliverer = Deliverer(
+        endpoint_url, KEY, timeout=settings.timeout, pool_size=settings.concurrency
+    )
+    return Daemon(settings, OutboxStore(engine), deliverer).run()
+
+
+def rows(engine: sa.Engine, sql: str = "SELECT * FROM outbox_events ORDER BY id") -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).all()
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m worker ...` as a real subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=full_env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,101 @@
+"""A programmable track-event endpoint for the tests: real HTTP on 127.0.0.1.
+
+Answers 204 by default; `script(event_name, *answers)` queues the answers
+that the next requests for that event get, in order. Every request is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int = 204
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    raw: bytes
+    at: float
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Endpoint:
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.default = Reply()
+        self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/v2/trackEvent"
+
+    def script(self, event: str, *replies: Reply) -> None:
+        with self._lock:
+            self._scripts[event].extend(replies)
+
+    def events(self) -> list[Any]:
+        with self._lock:
+            return [r.json for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _reply_for(self, received: Received) -> Reply:
+        with self._lock:
+            self.requests.append(received)
+            try:
+                name = json.loads(received.raw).get("event")
+            except ValueError:
+                name = None
+            queue = self._scripts.get(name)
+            return queue.popleft() if queue else self.default
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received = Received(
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    raw,
+                    time.monotonic(),
+                )
+                reply = endpoint._reply_for(received)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
