@@ -181,10 +181,13 @@ class Daemon:
         while True:
             job = self._jobs.get()
             self.gate.wait_turn()
-            if (self._halted and not job.probe) or self._stopping.is_set():
-                answer = None
-            else:
-                answer = self.deliverer.post(job.body)
+            answer: Answer | None = None
+            if not self._stopping.is_set() and (job.probe or not self._halted):
+                try:
+                    answer = self.deliverer.post(job.body)
+                except Exception as exc:  # a sender thread must never die with a job
+                    log.exception("outbox id %d: unexpected error while sending", job.event.id)
+                    answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
             self._done.put(_Done(job, answer))
             self._wake.set()
 

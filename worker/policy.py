@@ -51,7 +51,7 @@ def classify(status_code: int | None) -> Verdict:
 class RetryBudget:
     """How long and how often a failing event is retried before it is dead."""
 
-    max_attempts: int = 12
+    max_attempts: int = 20
     max_age: dt.timedelta = dt.timedelta(days=3)
     backoff_base: float = 2.0  # seconds before the first retry (about)
     backoff_max: float = 3600.0  # no wait longer than this
