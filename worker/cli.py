@@ -241,6 +241,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
         exit_when_drained=args.exit_when_drained,
+        contact_order=not args.unordered,
         allow_insecure_endpoint=args.allow_insecure_endpoint,
     )
 
@@ -364,6 +365,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the track-event endpoint (env OUTBOX_ENDPOINT_URL; default %(default)s)",
     )
     run.add_argument("--exit-when-drained", action="store_true", help="exit 0 once nothing is due")
+    run.add_argument(
+        "--unordered",
+        action="store_true",
+        help="give up per-contact order (faster; for events whose order does not matter)",
+    )
     defaults, budget = Settings(), RetryBudget()
     run.add_argument("--max-attempts", type=_positive_int, default=budget.max_attempts)
     run.add_argument("--max-age", default="3d", help="give up on an event this old (default 3d)")

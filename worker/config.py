@@ -35,6 +35,7 @@ class Settings:
     halt_probe_interval: float = 30.0  # seconds between probes while delivery is halted
     max_body_bytes: int = MAX_BODY_BYTES
     exit_when_drained: bool = False
+    contact_order: bool = True  # False: faster, for streams whose order does not matter
     allow_insecure_endpoint: bool = False
 
     def check(self) -> Settings:

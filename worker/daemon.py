@@ -139,7 +139,7 @@ class Daemon:
             if limit < self._claim_threshold():
                 return False
         token = f"{self._identity}:{next(self._claims)}"
-        claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token))
+        claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
         if probe and claimed:
             self._next_probe = time.monotonic() + s.halt_probe_interval
             log.info("delivery halted; probing the endpoint with outbox id %d", claimed[0].id)

@@ -11,12 +11,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
-from worker.schema import outbox_events, seconds_from_now, utcnow
+from worker.schema import UTCDateTime, outbox_events, seconds_from_now
 
 DeliverAfter = dt.datetime | dt.timedelta | None
-
-# Rows per INSERT statement: far below SQLite's limit of bound parameters.
-_CHUNK = 500
 
 
 def track_event(
@@ -56,7 +53,7 @@ def track_events(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> list[int]:
-    """Record many events with one INSERT per 500 rows; return their ids in the order given.
+    """Record many events in multi-row INSERTs; return their ids in the order given.
 
     Every event is validated before any SQL is sent: one invalid event raises
     InvalidEvent (naming its position) and nothing is written.
@@ -107,41 +104,44 @@ def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -
     deliver_after = spec.get("deliver_after")
     if deliver_after is not None and not isinstance(deliver_after, (dt.datetime, dt.timedelta)):
         raise InvalidEvent("deliver_after", "must be a datetime or a timedelta")
-    row: dict[str, Any] = {
+    # The database's clock, not this host's, says when "now" and "in 5 minutes" are.
+    return {
         "email": event.email,
         "event": event.event,
         "properties": event.properties,
         "eventdata": event.eventdata,
         "idempotency_key": key,
+        "b_at": deliver_after if isinstance(deliver_after, dt.datetime) else None,
+        "b_delay": deliver_after.total_seconds()
+        if isinstance(deliver_after, dt.timedelta)
+        else 0.0,
     }
-    # Every row names next_attempt_at (a multi-row VALUES needs the same
-    # columns in each); the database's clock, not this host's, says "now".
-    if isinstance(deliver_after, dt.timedelta):
-        row["next_attempt_at"] = seconds_from_now(deliver_after.total_seconds())
-    elif isinstance(deliver_after, dt.datetime):
-        row["next_attempt_at"] = deliver_after
-    else:
-        row["next_attempt_at"] = utcnow()
-    return row
+
+
+def _insert_statement(insert: Any) -> Any:
+    next_attempt_at = sa.func.coalesce(
+        sa.bindparam("b_at", type_=UTCDateTime()),
+        seconds_from_now(sa.bindparam("b_delay", type_=sa.Float)),
+    )
+    return (
+        insert(outbox_events)
+        .values(next_attempt_at=next_attempt_at)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(outbox_events.c.id, outbox_events.c.idempotency_key)
+    )
+
+
+# Built once: executed with a list of rows, SQLAlchemy sends them as multi-row
+# INSERTs ("insertmanyvalues") from one cached statement.
+_INSERT = {
+    "postgresql": _insert_statement(postgresql.insert),
+    "sqlite": _insert_statement(sqlite.insert),
+}
 
 
 def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Insert prepared rows through the caller's connection; their ids in the order given."""
-    ids: list[int] = []
-    for start in range(0, len(rows), _CHUNK):
-        ids.extend(_insert_chunk(connection, rows[start : start + _CHUNK]))
-    return ids
-
-
-def _insert_chunk(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    statement = (
-        insert(outbox_events)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(outbox_events.c.id, outbox_events.c.idempotency_key)
-    )
-    inserted = connection.execute(statement).all()
+    inserted = connection.execute(_INSERT[connection.dialect.name], rows).all()
     # Ids are assigned in VALUES order, so unkeyed rows map back by position.
     unkeyed = iter(sorted(r.id for r in inserted if r.idempotency_key is None))
     by_key = {r.idempotency_key: r.id for r in inserted if r.idempotency_key is not None}

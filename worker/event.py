@@ -32,21 +32,16 @@ class InvalidEvent(ValueError):
 
 @dataclass(frozen=True)
 class Event:
-    """A validated event: the fields exactly as they will be sent."""
+    """A validated event: the fields exactly as they will be sent, and the body that carries them."""
 
     email: str
     event: str
-    properties: dict[str, Any] | None = None
-    eventdata: dict[str, Any] | None = None
+    properties: dict[str, Any] | None
+    eventdata: dict[str, Any] | None
+    encoded: bytes  # the request body: only the fields given, no invented nulls
 
     def body(self) -> bytes:
-        """The request body: only the fields given, no invented nulls."""
-        payload: dict[str, Any] = {"email": self.email, "event": self.event}
-        if self.properties is not None:
-            payload["properties"] = self.properties
-        if self.eventdata is not None:
-            payload["eventdata"] = self.eventdata
-        return _dumps(payload).encode("utf-8")
+        return self.encoded
 
 
 def validate(
@@ -77,29 +72,34 @@ def validate(
         raise InvalidEvent("event", "must not be empty")
     _check_text("email", email)
     _check_text("event", event)
+    parts = [f'{{"email":{_dumps(email)},"event":{_dumps(event)}']
     if properties is not None:
         _check_object("properties", properties)
         reserved = sorted(RESERVED_PROPERTY_KEYS.intersection(properties))
         if reserved:
             raise InvalidEvent("properties", f"must not use the reserved key {reserved[0]!r}")
-        _check_json("properties", properties)
+        parts.append(f',"properties":{_encode_json("properties", properties)}')
     if eventdata is not None:
         _check_object("eventdata", eventdata)
         if "id" in eventdata and not isinstance(eventdata["id"], str):
             raise InvalidEvent("eventdata", "id must be a string")
         if "data" in eventdata and not isinstance(eventdata["data"], Mapping):
             raise InvalidEvent("eventdata", "data must be an object")
-        _check_json("eventdata", eventdata)
-    result = Event(
+        parts.append(f',"eventdata":{_encode_json("eventdata", eventdata)}')
+    parts.append("}")
+    # Each part was checked to encode, so the whole body does.
+    encoded = "".join(parts).encode("utf-8")
+    if len(encoded) > max_body_bytes:
+        raise InvalidEvent(
+            "body", f"size {len(encoded)} bytes is over the limit of {max_body_bytes}"
+        )
+    return Event(
         email,
         event,
         dict(properties) if properties is not None else None,
         dict(eventdata) if eventdata is not None else None,
+        encoded,
     )
-    size = len(result.body())
-    if size > max_body_bytes:
-        raise InvalidEvent("body", f"size {size} bytes is over the limit of {max_body_bytes}")
-    return result
 
 
 def from_stored(
@@ -150,7 +150,8 @@ def _check_text(field: str, value: str) -> None:
         raise InvalidEvent(field, "must not contain a NUL character")
 
 
-def _check_json(field: str, value: Any) -> None:
+def _encode_json(field: str, value: Any) -> str:
+    """The field as JSON text, or InvalidEvent saying why it cannot be sent."""
     try:
         text = _dumps(value)
     except RecursionError:
@@ -171,10 +172,12 @@ def _check_json(field: str, value: Any) -> None:
     if "\\u0000" in text:
         # PostgreSQL's jsonb cannot store the NUL character.
         raise InvalidEvent(field, "must not contain a NUL character")
+    return text
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# One encoder for the process: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_dumps = _ENCODER.encode
 
 
 def _reject_constant(name: str) -> Any:

@@ -70,16 +70,19 @@ class Stats:
         }
 
 
-def _claim_statement() -> sa.Update:
+def _claim_statement(contact_order: bool) -> sa.Update:
     older = e.alias("older")
     older_open = sa.exists().where(
         sa.func.lower(older.c.email) == sa.func.lower(e.c.email),
         older.c.id < e.c.id,
         older.c.status.in_([_PENDING, _IN_FLIGHT]),
     )
+    conditions = [e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()]
+    if contact_order:
+        conditions.append(~older_open)
     due = (
         sa.select(e.c.id)
-        .where(e.c.status == _PENDING, e.c.next_attempt_at <= utcnow(), ~older_open)
+        .where(*conditions)
         .order_by(e.c.next_attempt_at, e.c.id)
         .limit(sa.bindparam("b_limit"))
         # PostgreSQL: claimers on other hosts skip each other's rows instead of
@@ -106,7 +109,7 @@ def _claim_statement() -> sa.Update:
     )
 
 
-_CLAIM = _claim_statement()
+_CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
 # An outcome only lands on a row still in_flight under the same claim: a late
 # answer never overwrites a row that lease rescue gave to another daemon.
@@ -190,11 +193,14 @@ class OutboxStore:
 
     # -- the delivery loop -------------------------------------------------
 
-    def claim_due(self, limit: int, lease_seconds: float, token: str) -> list[ClaimedEvent]:
-        """Take up to `limit` due rows, oldest due first, at most one per contact."""
+    def claim_due(
+        self, limit: int, lease_seconds: float, token: str, contact_order: bool = True
+    ) -> list[ClaimedEvent]:
+        """Take up to `limit` due rows, oldest due first; with contact_order, never a
+        row while an older row of its contact is pending or in flight."""
         params = {"b_limit": limit, "b_token": token, "b_lease": lease_seconds}
         with self.engine.begin() as conn:
-            rows = conn.execute(_CLAIM, params).all()
+            rows = conn.execute(_CLAIM[contact_order], params).all()
         claimed = [
             ClaimedEvent(
                 r.id, r.email, r.event, r.properties, r.eventdata, r.attempts, r.created_at, token

@@ -1,0 +1,523 @@
+"""The outbox benchmark: throughput, enqueue cost, latency, history and ordering.
+
+Run it with `bash bench/run` (installs nginx and wrk when missing). It starts
+its own PostgreSQL from the server binaries and an nginx that answers 204 on
+127.0.0.1, and prints one table per question: every figure is the median of
+several runs, every timing also a ratio against a baseline measured in the
+same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.pgserver import PostgresServer, free_port  # noqa: E402
+from worker import db, track_event, track_events  # noqa: E402
+from worker.schema import outbox_events  # noqa: E402
+
+KEY = "bench-key"
+BODY = (
+    '{"email":"jane.doe@example.com","event":"cart_updated","properties":{"FIRSTNAME":"Jane"},'
+    '"eventdata":{"id":"cart:1001","data":{"price":"50.00"}}}'
+)
+DEFAULT_FLAGS: list[str] = []
+BEST_FLAGS = ["--concurrency", "32", "--batch-size", "200"]
+
+
+# -- the endpoint ------------------------------------------------------------
+
+
+class Nginx:
+    """nginx answering 204 to everything: never the bottleneck."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="outbox-bench-nginx-"))
+        self.port = free_port()
+        (self.dir / "nginx.conf").write_text(
+            f"""
+worker_processes 1;
+daemon on;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.dir}/body;
+  keepalive_requests 10000000;
+  server {{
+    listen 127.0.0.1:{self.port};
+    location / {{ return 204; }}
+  }}
+}}
+"""
+        )
+        subprocess.run(["nginx", "-c", str(self.dir / "nginx.conf")], check=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v2/trackEvent"
+
+    def stop(self) -> None:
+        pid = int((self.dir / "nginx.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+
+
+def wrk_ceiling(url: str, seconds: int = 5, connections: int = 16) -> float:
+    """Requests/s that wrk gets from the endpoint, posting the same body."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = [[{BODY}]]\n"
+        'wrk.headers["content-type"] = "application/json"\n'
+        f'wrk.headers["ma-key"] = "{KEY}"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("Requests/sec"))
+    return float(line.split()[1])
+
+
+# -- databases ---------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    new_url: Callable[[], str]
+
+
+def backends(pg: PostgresServer, workdir: Path) -> list[Backend]:
+    counter = iter(range(10**6))
+
+    def pg_url() -> str:
+        name = f"bench_{next(counter)}"
+        admin = sa.create_engine(pg.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        admin.dispose()
+        return _migrated(pg.url(name))
+
+    def sqlite_url() -> str:
+        return _migrated(f"sqlite:///{workdir / f'bench_{next(counter)}.db'}")
+
+    return [Backend("postgresql", pg_url), Backend("sqlite", sqlite_url)]
+
+
+def _migrated(url: str) -> str:
+    engine = db.create_engine(url)
+    db.migrate(engine)
+    engine.dispose()
+    return url
+
+
+def fill(url: str, n: int, contacts: int | None = None, status: str = "pending") -> None:
+    """n events, one contact each unless `contacts` is given."""
+    engine = db.create_engine(url)
+    chunk = 5000
+    with engine.begin() as conn:
+        for start in range(0, n, chunk):
+            conn.execute(
+                sa.insert(outbox_events),
+                [
+                    {
+                        "email": f"c{(i % contacts) if contacts else i}@example.com",
+                        "event": "cart_updated",
+                        "properties": {"FIRSTNAME": "Jane"},
+                        "eventdata": {"id": f"cart:{i}", "data": {"price": "50.00"}},
+                        "status": status,
+                    }
+                    for i in range(start, min(n, start + chunk))
+                ],
+            )
+    engine.dispose()
+
+
+def count(url: str, status: str) -> int:
+    engine = db.create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(
+            sa.select(sa.func.count()).where(outbox_events.c.status == status)
+        ).scalar_one()
+    engine.dispose()
+    return n
+
+
+# -- the daemon --------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    seconds: float
+    cpu_seconds: float
+    max_rss_kb: int
+
+
+def run_daemon(url: str, endpoint: str, flags: list[str], processes: int = 1) -> RunResult:
+    """`outbox-worker run --exit-when-drained` as real processes; wall and CPU time."""
+    env = {**os.environ, "OUTBOX_MA_KEY": KEY}
+    command = [
+        sys.executable, "-m", "worker", "run", "--exit-when-drained", "--log-level", "WARNING",
+        "--database-url", url, "--endpoint-url", endpoint, *flags,
+    ]  # fmt: skip
+    started = time.monotonic()
+    procs = [subprocess.Popen(command, env=env) for _ in range(processes)]
+    cpu, rss = 0.0, 0
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the daemon exited {proc.returncode}")
+        cpu += usage.ru_utime + usage.ru_stime
+        rss = max(rss, usage.ru_maxrss)
+    return RunResult(time.monotonic() - started, cpu, rss)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# -- the questions -------------------------------------------------------------
+
+
+def throughput(args: argparse.Namespace, bes: list[Backend], nginx: Nginx, ceiling: float) -> None:
+    print("\n## 1. Delivery throughput (events/s; CPU ms per event; share of the wrk ceiling)\n")
+    print(f"wrk ceiling of the endpoint: {ceiling:,.0f} requests/s\n")
+    print("| backend | events | settings | events/s | worker CPU ms/event | of ceiling |")
+    print("|---|---:|---|---:|---:|---:|")
+    configs = [("defaults", DEFAULT_FLAGS, 1), ("best, 1 process", BEST_FLAGS, 1)]
+    configs.append(("best, 2 processes", BEST_FLAGS, 2))
+    for be in bes:
+        for n in args.sizes:
+            for label, flags, procs in configs:
+                if be.name == "sqlite" and procs > 1:
+                    continue  # one daemon per SQLite file
+                rates, cpus = [], []
+                for _ in range(args.repeat):
+                    url = be.new_url()
+                    fill(url, n)
+                    result = run_daemon(url, nginx.url, flags, procs)
+                    assert count(url, "delivered") == n
+                    rates.append(n / result.seconds)
+                    cpus.append(result.cpu_seconds * 1000 / n)
+                rate = median(rates)
+                print(
+                    f"| {be.name} | {n:,} | {label} | {rate:,.0f} | {median(cpus):.3f}"
+                    f" | {rate / ceiling:.1%} |",
+                    flush=True,
+                )
+
+
+def enqueue_cost(args: argparse.Namespace, bes: list[Backend]) -> None:
+    print("\n## 2. Enqueue cost (per transaction that also inserts one business row)\n")
+    print("| backend | events/tx | bare INSERT µs/tx | track_event(s) µs/tx | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    business = sa.Table(
+        "bench_orders",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("total", sa.Text),
+    )
+    spec = {
+        "email": "jane@example.com",
+        "event": "order_completed",
+        "properties": {"FIRSTNAME": "Jane"},
+        "eventdata": {"id": "order:1", "data": {"total": "50.00"}},
+    }
+    bare_row = {k: v for k, v in spec.items()}
+    for be in bes:
+        url = be.new_url()
+        engine = db.create_engine(url)
+        business.create(engine)
+        for per_tx in (1, 100):
+            txs = args.enqueue_tx // per_tx
+
+            def bare(session: Session, per_tx: int = per_tx) -> None:
+                session.execute(sa.insert(business).values(total="50.00"))
+                session.execute(sa.insert(outbox_events), [bare_row] * per_tx)
+
+            def tracked(session: Session, per_tx: int = per_tx) -> None:
+                session.execute(sa.insert(business).values(total="50.00"))
+                if per_tx == 1:
+                    track_event(session, **spec)
+                else:
+                    track_events(session, [spec] * per_tx)
+
+            timings: dict[str, list[float]] = {"bare": [], "tracked": []}
+            for _ in range(args.repeat):
+                for name, body in (("bare", bare), ("tracked", tracked)):
+                    started = time.perf_counter()
+                    for _ in range(txs):
+                        with Session(engine) as session, session.begin():
+                            body(session)
+                    timings[name].append((time.perf_counter() - started) / txs * 1e6)
+            b, t = median(timings["bare"]), median(timings["tracked"])
+            print(f"| {be.name} | {per_tx} | {b:,.0f} | {t:,.0f} | {t / b:.2f}x |", flush=True)
+        engine.dispose()
+
+
+def latency(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None:
+    print("\n## 3. Commit-to-delivery latency with an idle daemon waiting (ms)\n")
+    print("| backend | offered events/s | p50 | p99 | max | baseline: poll interval |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for be in bes:
+        for rate in (200, 1000):
+            url = be.new_url()
+            env = {**os.environ, "OUTBOX_MA_KEY": KEY}
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "worker", "run", "--log-level", "WARNING",
+                 "--database-url", url, "--endpoint-url", nginx.url],
+                env=env,
+            )  # fmt: skip
+            time.sleep(2.0)  # idle and waiting
+            committed = produce(url, rate, args.latency_seconds)
+            time.sleep(2.0)
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            engine = db.create_engine(url)
+            with engine.connect() as conn:
+                delivered = dict(
+                    conn.execute(sa.select(outbox_events.c.id, outbox_events.c.delivered_at))
+                    .tuples()
+                    .all()
+                )
+            engine.dispose()
+            lat = sorted(
+                (delivered[i].timestamp() - t) * 1000 for i, t in committed if delivered.get(i)
+            )
+            missing = len(committed) - len(lat)
+            p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
+            note = f" ({missing} undelivered)" if missing else ""
+            print(
+                f"| {be.name} | {rate} | {p50:.1f} | {p99:.1f} | {lat[-1]:.1f}{note} | 1000 |",
+                flush=True,
+            )
+
+
+def produce(url: str, rate: int, seconds: float) -> list[tuple[int, float]]:
+    """Commit one event at a time at `rate`/s; (id, wall-clock commit time) for each."""
+    engine = db.create_engine(url)
+    committed: list[tuple[int, float]] = []
+    interval = 1.0 / rate
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        target = start + i * interval
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        with Session(engine) as session, session.begin():
+            outbox_id = track_event(session, email=f"p{i}@example.com", event="page_viewed")
+        committed.append((outbox_id, time.time()))
+    engine.dispose()
+    return committed
+
+
+def history(args: argparse.Namespace, pg_backend: Backend, nginx: Nginx) -> None:
+    n_hist = args.history_rows
+    print(f"\n## 4. Scale of history (PostgreSQL, {n_hist:,} rows)\n")
+    n = args.sizes[0]
+    empty, full = [], []
+    for _ in range(args.repeat):
+        url = pg_backend.new_url()
+        fill(url, n)
+        empty.append(n / run_daemon(url, nginx.url, DEFAULT_FLAGS).seconds)
+        url = pg_backend.new_url()
+        bulk_history(url, n_hist)
+        fill(url, n)
+        full.append(n / run_daemon(url, nginx.url, DEFAULT_FLAGS).seconds)
+    print("| measure | baseline | figure | ratio |")
+    print("|---|---:|---:|---:|")
+    e, f = median(empty), median(full)
+    print(
+        f"| events/s, {n:,} events, empty table vs {n_hist:,} delivered rows | {e:,.0f} | {f:,.0f} | {f / e:.2f}x |"
+    )
+
+    # RSS with a large backlog: the daemon streams batches, it never loads the table.
+    url = pg_backend.new_url()
+    bulk_history(url, n_hist, status="pending")
+    small = pg_backend.new_url()
+    fill(small, 1000)
+    rss_small = run_daemon(small, nginx.url, DEFAULT_FLAGS).max_rss_kb
+    env = {**os.environ, "OUTBOX_MA_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--log-level", "WARNING",
+         "--database-url", url, "--endpoint-url", nginx.url],
+        env=env,
+    )  # fmt: skip
+    time.sleep(args.rss_seconds)
+    proc.send_signal(signal.SIGTERM)
+    _, _, usage = os.wait4(proc.pid, 0)
+    print(
+        f"| peak RSS, MB: 1,000-row backlog vs {n_hist:,}-row backlog"
+        f" ({args.rss_seconds}s of delivery) | {rss_small / 1024:.0f} | {usage.ru_maxrss / 1024:.0f}"
+        f" | {usage.ru_maxrss / rss_small:.2f}x |"
+    )
+    churn(args, pg_backend, nginx)
+
+
+def bulk_history(url: str, n: int, status: str = "delivered") -> None:
+    engine = db.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_events (email, event, properties, status, attempts, delivered_at)"
+                " SELECT 'h' || g || '@example.com', 'cart_updated', '{\"FIRSTNAME\": \"Jane\"}',"
+                " :status, CASE WHEN :status = 'delivered' THEN 1 ELSE 0 END,"
+                " CASE WHEN :status = 'delivered' THEN now() - interval '30 days' END"
+                " FROM generate_series(1, :n) AS g"
+            ),
+            {"n": n, "status": status},
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE outbox_events"))
+    engine.dispose()
+
+
+def table_size(url: str) -> tuple[int, int]:
+    engine = db.create_engine(url)
+    with engine.connect() as conn:
+        heap, indexes = conn.execute(
+            sa.text("SELECT pg_table_size('outbox_events'), pg_indexes_size('outbox_events')")
+        ).one()
+    engine.dispose()
+    return heap, indexes
+
+
+def churn(args: argparse.Namespace, pg_backend: Backend, nginx: Nginx) -> None:
+    """Deliver and prune in a rolling window: the table must not bloat."""
+    url = pg_backend.new_url()
+    window = args.churn_window
+    rounds = args.churn_events // window
+    sizes = []
+    for _ in range(rounds):
+        round_started = time.monotonic()
+        fill(url, window)
+        run_daemon(url, nginx.url, BEST_FLAGS)
+        # Keep this round's rows, prune every earlier round's.
+        age = f"{time.monotonic() - round_started:.3f}s"
+        subprocess.run(
+            [sys.executable, "-m", "worker", "prune", "--older-than", age, "--database-url", url],
+            check=True,
+            capture_output=True,
+        )
+        sizes.append(table_size(url))
+    (h0, i0), (h1, i1) = sizes[0], sizes[-1]
+    print(
+        f"| table + index MB after {window:,} events vs after {rounds * window:,}"
+        f" delivered and pruned in a rolling window | {(h0 + i0) / 2**20:.1f}"
+        f" | {(h1 + i1) / 2**20:.1f} | {(h1 + i1) / (h0 + i0):.2f}x |"
+    )
+
+
+def ordering(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None:
+    print("\n## 5. Per-contact order on vs off (10% of events share 50 contacts)\n")
+    print("| backend | ordered events/s | unordered events/s | ordered / unordered |")
+    print("|---|---:|---:|---:|")
+    n = args.sizes[0]
+    for be in bes:
+        results: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.repeat):
+            for ordered in (True, False):
+                url = be.new_url()
+                fill_shared_contacts(url, n)
+                flags = DEFAULT_FLAGS + ([] if ordered else ["--unordered"])
+                results[ordered].append(n / run_daemon(url, nginx.url, flags).seconds)
+        o, u = median(results[True]), median(results[False])
+        print(f"| {be.name} | {o:,.0f} | {u:,.0f} | {o / u:.2f}x |", flush=True)
+
+
+def fill_shared_contacts(url: str, n: int) -> None:
+    engine = db.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(outbox_events),
+            [
+                {
+                    "email": f"shared{i % 50}@example.com" if i % 10 == 0 else f"c{i}@example.com",
+                    "event": "cart_updated",
+                    "properties": {"FIRSTNAME": "Jane"},
+                }
+                for i in range(n)
+            ],
+        )
+    engine.dispose()
+
+
+# -- main ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environment() -> Iterator[tuple[PostgresServer, Nginx, Path]]:
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+    pg = PostgresServer().start()
+    nginx = Nginx()
+    try:
+        yield pg, nginx, workdir
+    finally:
+        nginx.stop()
+        pg.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
+    parser.add_argument(
+        "--only", nargs="+", choices=["throughput", "enqueue", "latency", "history", "ordering"]
+    )
+    args = parser.parse_args()
+    args.repeat = 1 if args.quick else 3
+    args.sizes = [5000] if args.quick else [20000, 100000]
+    args.enqueue_tx = 500 if args.quick else 3000
+    args.latency_seconds = 3 if args.quick else 10
+    args.history_rows = 100_000 if args.quick else 1_000_000
+    args.rss_seconds = 5 if args.quick else 20
+    args.churn_window = 10_000 if args.quick else 50_000
+    args.churn_events = 30_000 if args.quick else 1_000_000
+    only = set(args.only or ["throughput", "enqueue", "latency", "history", "ordering"])
+
+    print(f"# outbox-worker benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores,"
+        f" {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB;"
+        f" Python {platform.python_version()}; sqlite {__import__('sqlite3').sqlite_version}"
+    )
+    with environment() as (pg, nginx, workdir):
+        bes = backends(pg, workdir)
+        ceiling = wrk_ceiling(nginx.url)
+        if "throughput" in only:
+            throughput(args, bes, nginx, ceiling)
+        if "enqueue" in only:
+            enqueue_cost(args, bes)
+        if "latency" in only:
+            latency(args, bes, nginx)
+        if "history" in only:
+            history(args, bes[0], nginx)
+        if "ordering" in only:
+            ordering(args, bes, nginx)
+
+
+if __name__ == "__main__":
+    main()
