@@ -25,6 +25,8 @@ _TS = sa.DateTime(timezone=True)
 _PENDING = "status = 'pending'"
 _OPEN = "status IN ('pending', 'in_flight')"
 _IN_FLIGHT = "status = 'in_flight'"
+_DELIVERED = "status = 'delivered'"
+_DEAD = "status = 'dead'"
 
 # Statement-level: one notification per inserting statement, however many rows,
 # and plain-SQL inserts from any program wake the daemons too.
@@ -100,7 +102,18 @@ def upgrade() -> None:
         sqlite_where=sa.text(_IN_FLIGHT),
     )
     op.create_index(
-        "ix_outbox_events_status_delivered", "outbox_events", ["status", "delivered_at"]
+        "ix_outbox_events_delivered",
+        "outbox_events",
+        ["delivered_at"],
+        postgresql_where=sa.text(_DELIVERED),
+        sqlite_where=sa.text(_DELIVERED),
+    )
+    op.create_index(
+        "ix_outbox_events_dead",
+        "outbox_events",
+        ["id"],
+        postgresql_where=sa.text(_DEAD),
+        sqlite_where=sa.text(_DEAD),
     )
     op.create_table(
         "outbox_attempts",
