@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -44,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    key = os.environ.get("OUTBOX_MA_KEY", "")
-    output.configure_logging(args.log_level, secrets=[key] if key else [])
     try:
+        key = _ma_key(args) if hasattr(args, "ma_key_file") else os.environ.get("OUTBOX_MA_KEY")
+        output.configure_logging(args.log_level, args.log_format, secrets=[key] if key else [])
         return args.handler(args) or 0
     except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent) as exc:
         print(f"outbox-worker: {exc}", file=sys.stderr)
@@ -69,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except Exception as exc:
+        logging.getLogger("worker").debug("unexpected error", exc_info=True)
+        print(
+            f"outbox-worker: unexpected error: {type(exc).__name__}: {exc}"
+            " (run with --log-level DEBUG for details, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
 
 
 # -- commands ------------------------------------------------------------------
@@ -87,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.daemon import Daemon
     from worker.delivery import Deliverer
     from worker.store import OutboxStore
+    from worker.telemetry import Telemetry, TelemetryServer
 
     settings = _settings(args).check()
     engine = db.create_engine(settings.database_url)
@@ -96,7 +106,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout=settings.timeout,
         pool_size=settings.concurrency,
     )
-    daemon = Daemon(settings, OutboxStore(engine), deliverer)
+    telemetry = Telemetry()
+    if args.metrics_port is not None:
+        server = TelemetryServer(telemetry, args.metrics_port, args.metrics_host).start()
+        logging.getLogger("worker").info(
+            "metrics on http://%s:%d/metrics (health: /livez, /readyz)",
+            args.metrics_host,
+            server.port,
+        )
+    daemon = Daemon(settings, OutboxStore(engine), deliverer, telemetry)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     logging.getLogger("worker").info(
@@ -242,8 +260,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_body_bytes=args.max_body_bytes,
         exit_when_drained=args.exit_when_drained,
         contact_order=not args.unordered,
+        retain_delivered=_retention(args.retain_delivered),
         allow_insecure_endpoint=args.allow_insecure_endpoint,
     )
+
+
+def _retention(text: str) -> dt.timedelta | None:
+    return None if text.strip().lower() in ("forever", "never", "off") else parse_duration(text)
 
 
 def _ma_key(args: argparse.Namespace) -> str:
@@ -273,13 +296,9 @@ def _json_flag(flag: str, text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text)
     except ValueError as exc:
         raise UsageError(f"{flag} is not valid JSON: {exc}") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _rows_from_jsonl(path: str, max_body_bytes: int) -> list[dict[str, Any]]:
@@ -297,7 +316,9 @@ def _rows_from_jsonl(path: str, max_body_bytes: int) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line, parse_constant=_no_constant)
+                # NaN and Infinity parse here and are refused by validation,
+                # which names the field that holds them.
+                record = json.loads(line)
             except (ValueError, RecursionError) as exc:
                 raise UsageError(f"line {number}: not valid JSON ({exc})") from None
             if not isinstance(record, dict):
@@ -341,6 +362,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"),
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    common.add_argument(
+        "--log-format",
+        default=os.environ.get("OUTBOX_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="one line per record: text, or a JSON object (env OUTBOX_LOG_FORMAT)",
     )
     keyed = argparse.ArgumentParser(add_help=False)
     keyed.add_argument(
@@ -387,6 +414,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
     run.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+    run.add_argument(
+        "--retain-delivered",
+        default="7d",
+        help="prune delivered events older than this (default 7d; 'forever' keeps them)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics and /livez, /readyz health checks on this port",
+    )
+    run.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
     run.add_argument(
         "--allow-insecure-endpoint",
         action="store_true",
@@ -439,10 +477,11 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--refuse-event", action="append", help="answer 400 to events of this name")
     sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
 
-    demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink")
-    demo.set_defaults(
-        database_url=os.environ.get("OUTBOX_DEMO_DATABASE_URL", "sqlite:///outbox-demo.db")
-    )
+    # The demo never touches OUTBOX_DATABASE_URL: it makes its own file anew.
+    demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=())
+    demo.add_argument("--database-url", default="sqlite:///outbox-demo.db")
+    demo.add_argument("--log-level", default="INFO", type=str.upper)
+    demo.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser
 
 

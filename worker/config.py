@@ -36,6 +36,7 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     exit_when_drained: bool = False
     contact_order: bool = True  # False: faster, for streams whose order does not matter
+    retain_delivered: dt.timedelta | None = dt.timedelta(days=7)  # None: keep them all
     allow_insecure_endpoint: bool = False
 
     def check(self) -> Settings:

@@ -25,8 +25,10 @@ from worker.config import Settings
 from worker.db import require_current_schema
 from worker.delivery import Deliverer, SendGate
 from worker.event import InvalidEvent, from_stored
+from worker.maintenance import Maintenance
 from worker.policy import Action, Answer, Outcome, Verdict, decide, throttle_pause
 from worker.store import ClaimedEvent, OutboxStore, Record
+from worker.telemetry import Telemetry, status_label
 from worker.wakeup import Listener
 
 log = logging.getLogger("worker.daemon")
@@ -50,10 +52,17 @@ class _Done:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, store: OutboxStore, deliverer: Deliverer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: OutboxStore,
+        deliverer: Deliverer,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.deliverer = deliverer
+        self.telemetry = telemetry or Telemetry()
         self.gate = SendGate(settings.rate_limit)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -64,7 +73,6 @@ class Daemon:
         self._halted: str | None = None  # why, while delivery is halted
         self._next_probe = 0.0
         self._throttle_streak = 0
-        self._next_rescue = 0.0
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Listener | None = None
@@ -82,6 +90,16 @@ class Daemon:
         """Deliver until stopped (or drained, with exit_when_drained); return the exit code."""
         s = self.settings
         self._db(lambda: require_current_schema(self.store.engine))
+        maintenance = Maintenance(
+            self.store,
+            self.telemetry,
+            lease=s.lease,
+            retain_delivered=s.retain_delivered,
+            on_rescue=self._wake.set,
+        )
+        # Rows of a daemon that died before we started are due before our first claim.
+        self._db(maintenance.rescue_expired_leases)
+        maintenance.start()
         for n in range(s.concurrency):
             threading.Thread(target=self._send_loop, name=f"outbox-sender-{n}", daemon=True).start()
         if self.store.dialect == "postgresql":
@@ -90,6 +108,7 @@ class Daemon:
         try:
             return self._loop()
         finally:
+            maintenance.stop()
             if self._listener:
                 self._listener.stop()
             self._shutdown()
@@ -100,12 +119,13 @@ class Daemon:
         s = self.settings
         while not self._stopping.is_set():
             self._wake.clear()
+            self.telemetry.loop_turned()
             self._collect()
             self._write_records()
             if self._stopping.is_set():
                 break
-            self._maintain()
             claimed_nothing = self._claim()
+            self.telemetry.in_flight.set(len(self._outstanding))
             if self._halted and s.exit_when_drained and not self._outstanding:
                 log.error("delivery halted: %s; exiting (--exit-when-drained)", self._halted)
                 return EXIT_HALTED
@@ -139,7 +159,8 @@ class Daemon:
             if limit < self._claim_threshold():
                 return False
         token = f"{self._identity}:{next(self._claims)}"
-        claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
+        with self.telemetry.claim_seconds.time():
+            claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
         if probe and claimed:
             self._next_probe = time.monotonic() + s.halt_probe_interval
             log.info("delivery halted; probing the endpoint with outbox id %d", claimed[0].id)
@@ -165,7 +186,7 @@ class Daemon:
 
     def _idle_wait(self) -> float:
         s = self.settings
-        waits = [s.poll_interval, max(0.0, self._next_rescue - time.monotonic())]
+        waits = [s.poll_interval]
         if self._outstanding:
             waits.append(0.5)
         if self._halted:
@@ -212,6 +233,7 @@ class Daemon:
         event = job.event
         age = dt.datetime.now(dt.timezone.utc) - event.created_at
         verdict, outcome = decide(answer, event.attempts, age, self.settings.budget)
+        self.telemetry.request_seconds.observe(answer.duration_ms / 1000)
         if verdict is Verdict.HALT:
             self._halt(answer, event.id)
         elif self._halted and job.probe:
@@ -219,6 +241,7 @@ class Daemon:
                 "delivery resumed: the endpoint answered %s", answer.status_code or answer.error
             )
             self._halted = None
+            self.telemetry.set_halted(None)
         if verdict is Verdict.THROTTLE:
             self._throttle_streak += 1
             pause = throttle_pause(answer, self.settings.budget, self._throttle_streak)
@@ -271,33 +294,30 @@ class Daemon:
                 self.settings.halt_probe_interval,
             )
         self._halted = reason
+        self.telemetry.set_halted(status_label(answer.status_code))
         self._next_probe = time.monotonic() + self.settings.halt_probe_interval
 
     def _finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
         self._records.append(Record(event, outcome))
+        t, code = self.telemetry, status_label(outcome.status_code)
+        if outcome.action is Action.DELIVERED:
+            t.delivered.inc()
+        elif outcome.action is Action.RETRY:
+            t.retried.labels(code).inc()
+        elif outcome.action is Action.DEAD:
+            t.dead.labels(code).inc()
+        else:
+            reason = {"429": "throttle", "none": "unsent"}.get(code, "halt")
+            t.released.labels(reason).inc()
 
     def _write_records(self) -> None:
         if not self._records:
             return
         records, self._records = self._records, []
-        self._db(lambda: self.store.record(records))
+        with self.telemetry.record_seconds.time():
+            self._db(lambda: self.store.record(records))
         for r in records:
             self._outstanding.pop(r.event.id, None)
-
-    # -- maintenance -----------------------------------------------------------
-
-    def _maintain(self) -> None:
-        now = time.monotonic()
-        if now < self._next_rescue:
-            return
-        self._next_rescue = now + min(self.settings.lease / 2, 30.0)
-        rescued = self._db(self.store.rescue_expired_leases)
-        if rescued:
-            log.warning(
-                "took back %d rows whose claim expired (a daemon stopped mid-flight): ids %s",
-                len(rescued),
-                _ids(rescued),
-            )
 
     # -- shutdown --------------------------------------------------------------
 
@@ -338,15 +358,29 @@ class Daemon:
 
     def _db(self, call: Callable[[], T]) -> T:
         """Run a store call; while the database is unreachable, log, back off and retry."""
-        return self._patience(call)
+        result = self._patience(call)
+        self.telemetry.database_answered(True)
+        return result
 
     def _patience_policy(self) -> tenacity.Retrying:
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_transient),
             wait=tenacity.wait_exponential(multiplier=0.5, max=30.0) + tenacity.wait_random(0, 0.5),
             stop=lambda _state: self._stopping.is_set(),
-            before_sleep=_log_db_retry,
+            before_sleep=self._log_db_retry,
             reraise=True,
+        )
+
+    def _log_db_retry(self, state: tenacity.RetryCallState) -> None:
+        self.telemetry.database_answered(False)
+        exc = state.outcome.exception() if state.outcome else None
+        detail = str(getattr(exc, "orig", exc)).strip().splitlines()
+        wait = state.next_action.sleep if state.next_action else 0
+        log.warning(
+            "database unavailable (%s); retry %d in %.1fs",
+            detail[0] if detail else type(exc).__name__,
+            state.attempt_number,
+            wait,
         )
 
 
@@ -354,20 +388,3 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
         isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
     )
-
-
-def _log_db_retry(state: tenacity.RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    detail = str(getattr(exc, "orig", exc)).strip().splitlines()
-    wait = state.next_action.sleep if state.next_action else 0
-    log.warning(
-        "database unavailable (%s); retry %d in %.1fs",
-        detail[0] if detail else type(exc).__name__,
-        state.attempt_number,
-        wait,
-    )
-
-
-def _ids(ids: list[int]) -> str:
-    shown = ", ".join(str(i) for i in ids[:10])
-    return shown + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")

@@ -64,7 +64,8 @@ def track_events(
             rows.append(prepare_row(spec, max_body_bytes))
         except InvalidEvent as exc:
             raise InvalidEvent(exc.field, f"{exc.rule} (event #{index})") from None
-    return insert_rows(_connection(session), rows) if rows else []
+    connection = _connection(session)  # a wrong argument fails even with no events
+    return insert_rows(connection, rows) if rows else []
 
 
 def _connection(session: Session | sa.Connection) -> sa.Connection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sys
 import time
@@ -12,41 +13,42 @@ from typing import Any
 from worker.store import Stats
 
 
-class RedactSecrets(logging.Filter):
-    """Last line of defence: a secret that reaches a log record is replaced before output."""
+class LogFormatter(logging.Formatter):
+    """UTC timestamps, text or JSON lines, and the last line of defence for secrets:
+    whatever reaches a record (message or traceback) has them replaced before output."""
 
-    def __init__(self, secrets: Iterable[str]) -> None:
-        super().__init__()
-        self._secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        text = message
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        if text != message or record.exc_info:
-            record.msg, record.args = text, None
-        if record.exc_info:
-            # A traceback could quote a header; keep its one-line summary only.
-            exc = record.exc_info[1]
-            record.msg = f"{text} ({type(exc).__name__})"
-            record.exc_info = None
-        return True
-
-
-class _UTCFormatter(logging.Formatter):
     converter = time.gmtime
 
+    def __init__(self, as_json: bool = False, secrets: Iterable[str] = ()) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._as_json = as_json
+        self._secrets = [s for s in secrets if s]
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + (
-            f".{int(record.msecs):03d}Z"
-        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._as_json:
+            entry = {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            if record.exc_info:
+                entry["traceback"] = self.formatException(record.exc_info)
+            text = json.dumps(entry, ensure_ascii=False)
+        else:
+            text = super().format(record)
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
 
-def configure_logging(level: str, secrets: Sequence[str] = ()) -> None:
+def configure_logging(level: str, log_format: str = "text", secrets: Sequence[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets(secrets))
+    handler.setFormatter(LogFormatter(as_json=log_format == "json", secrets=secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

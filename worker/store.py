@@ -8,8 +8,9 @@ one transaction per batch of outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,12 @@ _ATTEMPT = sa.insert(outbox_attempts).from_select(
     ).where(_STILL_OURS),
 )
 
+_BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
+    e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
+)
+# Held by the daemon doing maintenance this round ("outbox" in ASCII).
+_LOCK_KEY = 0x6F7574626F78
+
 _RESCUE = (
     sa.update(e)
     .where(e.c.status == _IN_FLIGHT, e.c.lease_expires_at < utcnow())
@@ -229,6 +236,31 @@ class OutboxStore:
         with self.engine.begin() as conn:
             return sorted(conn.execute(_RESCUE).scalars())
 
+    def backlog(self) -> tuple[int, float | None]:
+        """Events due now and the age of the longest-waiting one (seconds), from the due index."""
+        with self.engine.connect() as conn:
+            due, oldest = conn.execute(_BACKLOG).one()
+            now = conn.execute(sa.select(utcnow())).scalar_one()
+        return due, _age(now, oldest)
+
+    @contextlib.contextmanager
+    def maintenance_lock(self) -> Iterator[bool]:
+        """Whether this process is the one to do maintenance now (always, on SQLite)."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        with self.engine.connect() as conn:
+            elected = conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}
+            ).scalar()
+            conn.commit()
+            try:
+                yield bool(elected)
+            finally:
+                if elected:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                    conn.commit()
+
     # -- the operator's commands ---------------------------------------------
 
     def stats(self) -> Stats:
@@ -246,11 +278,7 @@ class OutboxStore:
             oldest_pending = conn.execute(
                 sa.select(sa.func.min(e.c.created_at)).where(e.c.status == _PENDING)
             ).scalar_one()
-            due_count, oldest_due = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
-                    e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
-                )
-            ).one()
+            due_count, oldest_due = conn.execute(_BACKLOG).one()
             recent = conn.execute(
                 sa.select(sa.func.count()).where(
                     e.c.status == _DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
@@ -265,7 +293,7 @@ class OutboxStore:
             counts=counts,
             due=due_count,
             oldest_pending_age_s=_age(now, oldest_pending),
-            oldest_due_age_s=_age(now, _as_utc(oldest_due)),
+            oldest_due_age_s=_age(now, oldest_due),
             delivered_last_minute=recent,
             dead_by_status_code={
                 ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
@@ -306,7 +334,11 @@ class OutboxStore:
             return conn.execute(sa.delete(e).where(where)).rowcount
 
     def prune(
-        self, older_than: dt.timedelta, include_dead: bool = False, batch_size: int = 1000
+        self,
+        older_than: dt.timedelta,
+        include_dead: bool = False,
+        batch_size: int = 1000,
+        stop: Callable[[], bool] = lambda: False,
     ) -> int:
         """Delete delivered (and optionally dead) rows finished before `older_than` ago.
 
@@ -329,7 +361,7 @@ class OutboxStore:
             with self.engine.begin() as conn:
                 deleted = conn.execute(statement).rowcount
             total += deleted
-            if deleted < batch_size:
+            if deleted < batch_size or stop():
                 return total
 
 
@@ -375,14 +407,6 @@ def _write_params(r: Record) -> dict[str, Any]:
     if o.action is Action.DEAD:
         params["b_charge"] = 1 if o.charged else 0
     return params
-
-
-def _as_utc(value: Any) -> dt.datetime | None:
-    return (
-        e.c.next_attempt_at.type.process_result_value(value, None)
-        if isinstance(value, str)
-        else value
-    )
 
 
 def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:

@@ -1,0 +1,165 @@
+"""What the daemon tells the outside: Prometheus metrics, liveness and readiness.
+
+`run --metrics-port P` serves /metrics, /livez (the loop is turning) and
+/readyz (the database answers and delivery is not halted) on one port.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Telemetry:
+    """The daemon's figures. Every method is cheap enough for the hot path."""
+
+    def __init__(self, live_after: float = 60.0) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.delivered = Counter(
+            "outbox_events_delivered", "Events the endpoint accepted (2xx).", registry=r
+        )
+        self.dead = Counter(
+            "outbox_events_dead",
+            "Events dead-lettered, by the last status code ('none': network or invalid).",
+            ["status_code"],
+            registry=r,
+        )
+        self.retried = Counter(
+            "outbox_events_retried",
+            "Failed attempts scheduled for a retry, by status code ('none': network).",
+            ["status_code"],
+            registry=r,
+        )
+        self.released = Counter(
+            "outbox_events_released",
+            "Claimed events put back uncharged, by why (halt, throttle, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "outbox_request_duration_seconds",
+            "Time from sending a request to its answer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.claim_seconds = Histogram(
+            "outbox_claim_duration_seconds",
+            "Time to claim one batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.record_seconds = Histogram(
+            "outbox_record_duration_seconds",
+            "Time to record one batch of outcomes.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "outbox_backlog", "Events due now (pending and past next_attempt_at).", registry=r
+        )
+        self.oldest_due_age = Gauge(
+            "outbox_oldest_due_age_seconds", "Age of the longest-waiting due event.", registry=r
+        )
+        self.halted = Gauge(
+            "outbox_delivery_halted",
+            "1 while delivery is halted (the endpoint refuses the key or the URL), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "outbox_in_flight", "Events claimed by this daemon and not yet recorded.", registry=r
+        )
+        self._live_after = live_after
+        self._last_turn = time.monotonic()
+        self._db_ok = False
+        self._halted_reason: str | None = None
+
+    # -- fed by the daemon --------------------------------------------------------
+
+    def loop_turned(self) -> None:
+        self._last_turn = time.monotonic()
+
+    def database_answered(self, ok: bool) -> None:
+        self._db_ok = ok
+
+    def set_halted(self, reason: str | None) -> None:
+        if self._halted_reason is not None:
+            self.halted.labels(self._halted_reason).set(0)
+        if reason is not None:
+            self.halted.labels(reason).set(1)
+        self._halted_reason = reason
+
+    # -- read by probes -------------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._last_turn
+        if idle > self._live_after:
+            return False, f"the delivery loop has not turned for {idle:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._db_ok:
+            return False, "the database does not answer"
+        if self._halted_reason is not None:
+            return False, f"delivery halted: {self._halted_reason}"
+        return True, "ok"
+
+
+def status_label(code: int | None) -> str:
+    return "none" if code is None else str(code)
+
+
+class TelemetryServer:
+    """/metrics, /livez and /readyz over HTTP, from a background thread."""
+
+    def __init__(self, telemetry: Telemetry, port: int, host: str = "0.0.0.0") -> None:
+        self.telemetry = telemetry
+        self.server = ThreadingHTTPServer((host, port), _handler(telemetry))
+        self.server.daemon_threads = True
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> TelemetryServer:
+        threading.Thread(
+            target=self.server.serve_forever, name="outbox-telemetry", daemon=True
+        ).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(telemetry.registry), CONTENT_TYPE_LATEST)
+            elif path in ("/livez", "/readyz"):
+                ok, why = telemetry.liveness() if path == "/livez" else telemetry.readiness()
+                self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+            else:
+                self._send(404, b"try /metrics, /livez or /readyz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
