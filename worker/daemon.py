@@ -6,6 +6,7 @@ No database transaction is ever open while a request is on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -76,6 +77,7 @@ class Daemon:
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Listener | None = None
+        self._maintenance: Maintenance | None = None
         self._patience = self._patience_policy()
         self.delivered = 0
 
@@ -96,10 +98,13 @@ class Daemon:
             lease=s.lease,
             retain_delivered=s.retain_delivered,
             on_rescue=self._wake.set,
+            status=lambda: (self._halted, self.delivered),
+            name=self._identity,
         )
         # Rows of a daemon that died before we started are due before our first claim.
         self._db(maintenance.rescue_expired_leases)
         maintenance.start()
+        self._maintenance = maintenance
         for n in range(s.concurrency):
             threading.Thread(target=self._send_loop, name=f"outbox-sender-{n}", daemon=True).start()
         if self.store.dialect == "postgresql":
@@ -112,6 +117,8 @@ class Daemon:
             if self._listener:
                 self._listener.stop()
             self._shutdown()
+            with contextlib.suppress(sa.exc.DBAPIError):
+                self.store.forget_daemon(self._identity)
 
     # -- the loop --------------------------------------------------------------
 
@@ -242,6 +249,8 @@ class Daemon:
             )
             self._halted = None
             self.telemetry.set_halted(None)
+            if self._maintenance:
+                self._maintenance.nudge()
         if verdict is Verdict.THROTTLE:
             self._throttle_streak += 1
             pause = throttle_pause(answer, self.settings.budget, self._throttle_streak)
@@ -295,6 +304,8 @@ class Daemon:
             )
         self._halted = reason
         self.telemetry.set_halted(status_label(answer.status_code))
+        if self._maintenance:
+            self._maintenance.nudge()
         self._next_probe = time.monotonic() + self.settings.halt_probe_interval
 
     def _finish(self, event: ClaimedEvent, outcome: Outcome) -> None:

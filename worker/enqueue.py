@@ -7,11 +7,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
-from worker.schema import UTCDateTime, outbox_events, seconds_from_now
+from worker.schema import UTCDateTime, dialect_insert, outbox_events, seconds_from_now
 
 DeliverAfter = dt.datetime | dt.timedelta | None
 
@@ -134,10 +133,7 @@ def _insert_statement(insert: Any) -> Any:
 
 # Built once: executed with a list of rows, SQLAlchemy sends them as multi-row
 # INSERTs ("insertmanyvalues") from one cached statement.
-_INSERT = {
-    "postgresql": _insert_statement(postgresql.insert),
-    "sqlite": _insert_statement(sqlite.insert),
-}
+_INSERT = {name: _insert_statement(dialect_insert(name)) for name in ("postgresql", "sqlite")}
 
 
 def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -18,6 +19,7 @@ from worker.store import OutboxStore
 from worker.telemetry import Telemetry
 
 log = logging.getLogger("worker.maintenance")
+HEARTBEAT_INTERVAL = 5.0  # seconds between heartbeats and backlog figures
 
 
 class Maintenance:
@@ -29,15 +31,21 @@ class Maintenance:
         lease: float,
         retain_delivered: dt.timedelta | None,
         on_rescue: Callable[[], None],
+        status: Callable[[], tuple[str | None, int]],
+        name: str,
         interval: float | None = None,
     ) -> None:
         self.store = store
         self.telemetry = telemetry
         self.retain_delivered = retain_delivered
         self.on_rescue = on_rescue
+        self.status = status  # (why delivery is halted or None, events delivered)
+        self.name = name
         # Often enough that a dead daemon's rows wait at most about 1.5 leases.
         self.interval = interval if interval is not None else min(lease / 2, 30.0)
+        self._next_housekeeping = 0.0
         self._stopping = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-maintenance", daemon=True)
 
     def start(self) -> None:
@@ -45,6 +53,11 @@ class Maintenance:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._nudged.set()
+
+    def nudge(self) -> None:
+        """Run a round now (e.g. to publish a halt at once) rather than at the next tick."""
+        self._nudged.set()
 
     def rescue_expired_leases(self) -> int:
         rescued = self.store.rescue_expired_leases()
@@ -59,10 +72,15 @@ class Maintenance:
         return len(rescued)
 
     def run_once(self) -> None:
-        """One round: figures always; rescue and retention only in the elected daemon."""
+        """Heartbeat and figures every tick; rescue and retention each interval, in the
+        elected daemon only."""
+        self.store.heartbeat(self.name, *self.status())
         due, oldest = self.store.backlog()
         self.telemetry.backlog.set(due)
         self.telemetry.oldest_due_age.set(oldest or 0.0)
+        if time.monotonic() < self._next_housekeeping:
+            return
+        self._next_housekeeping = time.monotonic() + self.interval
         with self.store.maintenance_lock() as elected:
             if not elected:
                 return
@@ -73,7 +91,11 @@ class Maintenance:
                     log.info("pruned %d delivered events older than the retention", pruned)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.interval):
+        while True:
+            self._nudged.wait(min(self.interval, HEARTBEAT_INTERVAL))
+            self._nudged.clear()
+            if self._stopping.is_set():
+                return
             try:
                 self.run_once()
             except sa.exc.DBAPIError as exc:

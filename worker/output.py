@@ -85,6 +85,12 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
         f"{'delivered last 60s':<22}{stats.delivered_last_minute:>12,}"
         f"  ({stats.delivered_last_minute / 60:.1f}/s)",
     ]
+    lines.append(f"{'daemons running':<22}{len(stats.daemons):>12,}")
+    for d in stats.daemons:
+        state = f"HALTED: {d.halted_reason}" if d.halted_reason else "delivering"
+        lines.append(
+            f"  {d.name:<30} seen {_age(d.seen_s_ago)} ago, {d.delivered:,} delivered, {state}"
+        )
     if stats.dead_by_status_code:
         lines.append("dead by last status code:")
         lines += [f"  {code:<20}{n:>12,}" for code, n in stats.dead_by_status_code.items()]

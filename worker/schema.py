@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -188,3 +188,20 @@ outbox_attempts = sa.Table(
     sa.Column("duration_ms", sa.Integer(), nullable=True),
 )
 sa.Index("ix_outbox_attempts_event_id", outbox_attempts.c.event_id)
+
+# One row per running daemon, written by its maintenance thread: which daemons
+# are alive, and whether one has halted delivery (for `stats` and operators).
+outbox_daemons = sa.Table(
+    "outbox_daemons",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),  # host:pid
+    sa.Column("started_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    sa.Column("seen_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+    sa.Column("halted_reason", sa.Text(), nullable=True),
+    sa.Column("delivered", sa.BigInteger(), nullable=False, server_default="0"),
+)
+
+
+def dialect_insert(dialect_name: str) -> Any:
+    """INSERT with ON CONFLICT support for the dialect (SQLite and PostgreSQL spell it alike)."""
+    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert

@@ -9,6 +9,7 @@ one transaction per batch of outcomes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,19 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.policy import Action, Outcome
-from worker.schema import outbox_attempts, outbox_events, seconds_from_now, utcnow
+from worker.schema import (
+    dialect_insert,
+    outbox_attempts,
+    outbox_daemons,
+    outbox_events,
+    seconds_from_now,
+    utcnow,
+)
 
 e = outbox_events
+
+# A daemon silent for this long (seconds) is not counted as running.
+DAEMON_SILENCE = 120.0
 
 # Literal status values (not bound parameters), so that PostgreSQL's planner
 # matches the partial indexes' predicates on every plan, generic ones included.
@@ -52,6 +63,14 @@ class Record:
 
 
 @dataclass(frozen=True)
+class DaemonSeen:
+    name: str
+    seen_s_ago: float
+    halted_reason: str | None
+    delivered: int
+
+
+@dataclass(frozen=True)
 class Stats:
     counts: dict[str, int]
     due: int
@@ -59,9 +78,15 @@ class Stats:
     oldest_due_age_s: float | None
     delivered_last_minute: int
     dead_by_status_code: dict[str, int]
+    daemons: list[DaemonSeen]
+
+    @property
+    def halted(self) -> list[DaemonSeen]:
+        return [d for d in self.daemons if d.halted_reason]
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "daemons": [dataclasses.asdict(d) for d in self.daemons],
             "counts": self.counts,
             "due": self.due,
             "oldest_pending_age_s": self.oldest_pending_age_s,
@@ -243,6 +268,28 @@ class OutboxStore:
             now = conn.execute(sa.select(utcnow())).scalar_one()
         return due, _age(now, oldest)
 
+    def heartbeat(self, name: str, halted_reason: str | None, delivered: int) -> None:
+        """Say that this daemon is alive (and whether it has halted delivery)."""
+        insert = dialect_insert(self.dialect)(outbox_daemons)
+        statement = insert.values(
+            name=name, halted_reason=halted_reason, delivered=delivered
+        ).on_conflict_do_update(
+            index_elements=["name"],
+            set_={"seen_at": utcnow(), "halted_reason": halted_reason, "delivered": delivered},
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement)
+            # Daemons that vanished without a word (SIGKILL, a lost host).
+            conn.execute(
+                sa.delete(outbox_daemons).where(
+                    outbox_daemons.c.seen_at < seconds_from_now(-86400.0)
+                )
+            )
+
+    def forget_daemon(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(outbox_daemons).where(outbox_daemons.c.name == name))
+
     @contextlib.contextmanager
     def maintenance_lock(self) -> Iterator[bool]:
         """Whether this process is the one to do maintenance now (always, on SQLite)."""
@@ -289,6 +336,11 @@ class OutboxStore:
                 .where(e.c.status == _DEAD)
                 .group_by(e.c.last_status_code)
             ).all()
+            daemons = conn.execute(
+                sa.select(outbox_daemons)
+                .where(outbox_daemons.c.seen_at >= seconds_from_now(-DAEMON_SILENCE))
+                .order_by(outbox_daemons.c.name)
+            ).all()
         return Stats(
             counts=counts,
             due=due_count,
@@ -298,6 +350,10 @@ class OutboxStore:
             dead_by_status_code={
                 ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
             },
+            daemons=[
+                DaemonSeen(d.name, _age(now, d.seen_at) or 0.0, d.halted_reason, d.delivered)
+                for d in daemons
+            ],
         )
 
     def dead_letters(self, limit: int = 50) -> list[sa.Row[Any]]:

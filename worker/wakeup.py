@@ -55,6 +55,8 @@ class Listener:
                         conn.execute("SELECT 1")
             except psycopg.Error as exc:
                 self.listening.clear()
+                if self._stopping.is_set():
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning(

@@ -1,0 +1,205 @@
+"""What operators rely on: metrics and probes over HTTP, the daemons table, retention, logs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from tests.conftest import KEY, fast_settings, rows, run_cli
+from tests.endpoint import Endpoint, Reply
+from worker import track_event
+from worker.daemon import Daemon
+from worker.delivery import Deliverer
+from worker.maintenance import Maintenance
+from worker.output import LogFormatter
+from worker.store import OutboxStore
+from worker.telemetry import Telemetry, TelemetryServer
+
+
+def _enqueue(engine: sa.Engine, *events: tuple[str, str]) -> None:
+    with Session(engine) as session, session.begin():
+        for email, name in events:
+            track_event(session, email=email, event=name)
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+class RunningDaemon:
+    """The real daemon on a thread, with its telemetry served on a free port."""
+
+    def __init__(self, engine: sa.Engine, endpoint: Endpoint, **overrides: Any) -> None:
+        settings = fast_settings(
+            str(engine.url), endpoint.url, exit_when_drained=False, **overrides
+        )
+        self.telemetry = Telemetry()
+        self.server = TelemetryServer(self.telemetry, 0, "127.0.0.1").start()
+        deliverer = Deliverer(endpoint.url, KEY, timeout=settings.timeout, pool_size=4)
+        self.daemon = Daemon(settings, OutboxStore(engine), deliverer, self.telemetry)
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{self.server.port}{path}", timeout=5)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(f"{name}{labels} ") or line.startswith(f"{name}{{{labels}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(15)
+        self.server.stop()
+
+
+@pytest.fixture
+def running(engine: sa.Engine, endpoint: Endpoint) -> Iterator[Any]:
+    started: list[RunningDaemon] = []
+
+    def start(**overrides: Any) -> RunningDaemon:
+        started.append(RunningDaemon(engine, endpoint, **overrides))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def test_metrics_count_outcomes_by_status_code(engine, endpoint, running):
+    endpoint.script("refused", Reply(400, b'{"code":"invalid_parameter","message":"no"}'))
+    endpoint.script("flaky", Reply(503))
+    _enqueue(
+        engine, ("a@example.com", "fine"), ("b@example.com", "refused"), ("c@example.com", "flaky")
+    )
+    daemon = running()
+    _wait_for(lambda: [r.status for r in rows(engine)] == ["delivered", "dead", "delivered"])
+    _wait_for(lambda: daemon.metric("outbox_events_delivered_total") == 2)
+    assert daemon.metric("outbox_events_dead_total", 'status_code="400"') == 1
+    assert daemon.metric("outbox_events_retried_total", 'status_code="503"') == 1
+    assert daemon.metric("outbox_request_duration_seconds_count") == 4
+    assert daemon.metric("outbox_claim_duration_seconds_count") >= 1
+
+
+def test_probes_say_live_and_ready_while_delivering(engine, endpoint, running):
+    daemon = running()
+    _wait_for(lambda: daemon.get("/readyz").status_code == 200)
+    assert daemon.get("/livez").status_code == 200
+    assert daemon.get("/nothing").status_code == 404
+
+
+def test_a_halt_shows_in_metrics_readiness_and_stats_then_clears(engine, endpoint, running):
+    endpoint.default = Reply(401, b'{"code":"unauthorized","message":"Key not found"}')
+    _enqueue(engine, ("a@example.com", "signed_up"))
+    daemon = running()
+    _wait_for(lambda: "halted" in daemon.get("/readyz").text)
+    assert daemon.get("/readyz").status_code == 503
+    assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 1
+    _wait_for(lambda: OutboxStore(engine).stats().halted)
+    assert "401" in OutboxStore(engine).stats().halted[0].halted_reason
+
+    endpoint.default = Reply(204)  # the key is fixed: the probe finds out by itself
+    _wait_for(lambda: [r.status for r in rows(engine)] == ["delivered"])
+    _wait_for(lambda: daemon.get("/readyz").status_code == 200)
+    assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 0
+    _wait_for(lambda: not OutboxStore(engine).stats().halted)
+
+
+def test_a_running_daemon_is_listed_in_stats_and_forgotten_when_it_stops(engine, endpoint, running):
+    daemon = running()
+    _wait_for(lambda: len(OutboxStore(engine).stats().daemons) == 1)
+    daemon.stop()
+    assert OutboxStore(engine).stats().daemons == []
+
+
+def _backdate_delivered(engine: sa.Engine, days: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE outbox_events SET delivered_at = :at WHERE status = 'delivered'"),
+            {
+                "at": (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)).replace(
+                    tzinfo=None
+                )
+            }
+            if engine.dialect.name == "sqlite"
+            else {"at": dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)},
+        )
+
+
+def test_maintenance_prunes_delivered_rows_past_retention_and_keeps_the_rest(engine, endpoint):
+    _enqueue(engine, ("old@example.com", "a"), ("old2@example.com", "b"))
+    store = OutboxStore(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE outbox_events SET status = 'delivered', attempts = 1"))
+    _backdate_delivered(engine, days=8)
+    _enqueue(engine, ("new@example.com", "c"))
+    maintenance = Maintenance(
+        store,
+        Telemetry(),
+        lease=10,
+        retain_delivered=dt.timedelta(days=7),
+        on_rescue=lambda: None,
+        status=lambda: (None, 0),
+        name="test:1",
+    )
+    maintenance.run_once()
+    assert [(r.email, r.status) for r in rows(engine)] == [("new@example.com", "pending")]
+
+
+def test_the_daemon_prunes_by_itself(engine, endpoint, running):
+    _enqueue(engine, ("a@example.com", "x"), ("b@example.com", "y"))
+    daemon = running(lease=2.0, timeout=1.0)
+    _wait_for(lambda: len([r for r in rows(engine) if r.status == "delivered"]) == 2)
+    _backdate_delivered(engine, days=8)
+    _wait_for(lambda: rows(engine) == [], timeout=15)
+    assert daemon.thread.is_alive()
+
+
+def test_json_log_lines_parse_and_name_ids_not_emails(sqlite_url, endpoint):
+    endpoint.script("refused", Reply(400, b'{"code":"invalid_parameter","message":"bad"}'))
+    run_cli("enqueue", "--database-url", sqlite_url, "--email", "secret.person@example.com",
+            "--event", "refused")  # fmt: skip
+    result = run_cli(
+        "run", "--exit-when-drained", "--log-format", "json", "--database-url", sqlite_url,
+        "--endpoint-url", endpoint.url, "--poll-interval", "0.1",
+        env={"OUTBOX_MA_KEY": KEY},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    dead = [r for r in records if "dead" in r["message"]]
+    assert dead and "outbox id 1" in dead[0]["message"]
+    assert "secret.person@example.com" not in result.stderr
+
+
+def test_the_log_formatter_redacts_the_key_from_messages_and_tracebacks():
+    formatter = LogFormatter(secrets=[KEY])
+    try:
+        raise ValueError(f"header value {KEY!r} is invalid")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord(
+            "worker", logging.ERROR, __file__, 1, "sending with %s", (KEY,), sys.exc_info()
+        )
+    for as_json in (False, True):
+        formatter = LogFormatter(as_json=as_json, secrets=[KEY])
+        text = formatter.format(record)
+        assert KEY not in text
+        assert "[redacted]" in text and "ValueError" in text
