@@ -216,8 +216,17 @@ class Daemon:
                 except Exception as exc:  # a sender thread must never die with a job
                     log.exception("outbox id %d: unexpected error while sending", job.event.id)
                     answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
+                self._pause_if_told(answer)
             self._done.put(_Done(job, answer))
             self._wake.set()
+
+    def _pause_if_told(self, answer: Answer) -> None:
+        """Hold every sender at once when the endpoint says to slow down, before the
+        next queued request goes out (the main thread may extend the pause)."""
+        if answer.status_code == 429:
+            self.gate.pause(throttle_pause(answer, self.settings.budget, 1))
+        elif answer.rate_limit_exhausted and answer.retry_after:
+            self.gate.pause(answer.retry_after)
 
     # -- outcomes --------------------------------------------------------------
 
@@ -263,8 +272,6 @@ class Daemon:
             )
         elif verdict is not Verdict.HALT:
             self._throttle_streak = 0
-        if answer.rate_limit_exhausted and answer.retry_after:
-            self.gate.pause(answer.retry_after)
         if outcome.action is Action.DELIVERED:
             self.delivered += 1
         elif outcome.action is Action.RETRY:

@@ -116,10 +116,15 @@ def decide(
     return verdict, Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
 
 
+# The longest pause a Retry-After may ask of the whole daemon.
+MAX_THROTTLE_PAUSE = 3600.0
+
+
 def throttle_pause(answer: Answer, budget: RetryBudget, streak: int) -> float:
-    """How long the whole daemon pauses after a 429: the server's word, else backoff."""
+    """How long the whole daemon pauses after a 429: the server's word (up to an
+    hour), else backoff."""
     if answer.retry_after is not None:
-        return max(0.0, min(answer.retry_after, budget.backoff_max))
+        return max(0.0, min(answer.retry_after, MAX_THROTTLE_PAUSE))
     return budget.backoff(streak)
 
 
