@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from worker.policy import Action, Outcome
 from worker.schema import (
@@ -137,70 +138,103 @@ def _claim_statement(contact_order: bool) -> sa.Update:
 
 _CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
-# An outcome only lands on a row still in_flight under the same claim: a late
-# answer never overwrites a row that lease rescue gave to another daemon.
-_STILL_OURS = sa.and_(
-    e.c.id == sa.bindparam("b_id"),
-    e.c.status == _IN_FLIGHT,
-    e.c.lease_token == sa.bindparam("b_token"),
-)
-_NO_LEASE = {"lease_token": None, "lease_expires_at": None}
-_LATER = seconds_from_now(sa.bindparam("b_retry_in", type_=sa.Float))
-
-_WRITE = {
-    Action.DELIVERED: sa.update(e)
-    .where(_STILL_OURS)
-    .values(
-        status=_DELIVERED,
-        attempts=e.c.attempts + 1,
-        delivered_at=utcnow(),
-        last_status_code=sa.bindparam("b_code"),
-        last_error=None,
-        **_NO_LEASE,
-    ),
-    Action.RETRY: sa.update(e)
-    .where(_STILL_OURS)
-    .values(
-        status=_PENDING,
-        attempts=e.c.attempts + 1,
-        next_attempt_at=_LATER,
-        last_status_code=sa.bindparam("b_code"),
-        last_error=sa.bindparam("b_error"),
-        **_NO_LEASE,
-    ),
-    Action.DEAD: sa.update(e)
-    .where(_STILL_OURS)
-    .values(
-        status=_DEAD,
-        attempts=e.c.attempts + sa.bindparam("b_charge"),
-        failed_at=utcnow(),
-        last_status_code=sa.bindparam("b_code"),
-        last_error=sa.bindparam("b_error"),
-        **_NO_LEASE,
-    ),
-    # Halt, throttle and shutdown: back in the queue, no attempt spent. The
-    # answer that stopped it is kept, so an operator sees why rows wait.
-    Action.RELEASE: sa.update(e)
-    .where(_STILL_OURS)
-    .values(
-        status=_PENDING,
-        next_attempt_at=_LATER,
-        last_status_code=sa.func.coalesce(sa.bindparam("b_code"), e.c.last_status_code),
-        last_error=sa.func.coalesce(sa.bindparam("b_error"), e.c.last_error),
-        **_NO_LEASE,
-    ),
+# What each outcome writes, as (status, charged attempts): a RETRY and a
+# RELEASE are both pending again, told apart by whether an attempt was spent.
+_STATUS = {
+    Action.DELIVERED: "delivered",
+    Action.RETRY: "pending",
+    Action.DEAD: "dead",
+    Action.RELEASE: "pending",
+}
+_OUTCOME_COLUMNS = ("id", "token", "status", "charge", "code", "error", "delay")
+_ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms")
+_TYPES = {
+    "id": sa.BigInteger(),
+    "token": sa.String(),
+    "status": sa.String(),
+    "charge": sa.Integer(),
+    "code": sa.Integer(),
+    "error": sa.Text(),
+    "delay": sa.Float(),
+    "attempt": sa.Integer(),
+    "ms": sa.Integer(),
 }
 
-_ATTEMPT = sa.insert(outbox_attempts).from_select(
-    ["event_id", "attempt", "status_code", "error", "duration_ms"],
-    sa.select(
-        e.c.id,
-        sa.bindparam("b_attempt", type_=sa.Integer),
-        sa.bindparam("b_code", type_=sa.Integer),
-        sa.bindparam("b_error", type_=sa.Text),
-        sa.bindparam("b_ms", type_=sa.Integer),
-    ).where(_STILL_OURS),
-)
+
+def _outcome_statement(src: Any) -> sa.Update:
+    """One UPDATE for a batch of outcomes of every kind, reading each row's outcome
+    from `src` (bound parameters, or a table of arrays on PostgreSQL).
+
+    An outcome only lands on a row still in_flight under the same claim: a late
+    answer never overwrites a row that lease rescue gave to another daemon.
+    """
+    released = sa.and_(src.status == _PENDING, src.charge == 0)  # halt, throttle, shutdown
+    return (
+        sa.update(e)
+        .where(e.c.id == src.id, e.c.status == _IN_FLIGHT, e.c.lease_token == src.token)
+        .values(
+            status=src.status,
+            attempts=e.c.attempts + src.charge,
+            next_attempt_at=sa.case(
+                (src.status == _PENDING, seconds_from_now(src.delay)), else_=e.c.next_attempt_at
+            ),
+            delivered_at=sa.case((src.status == _DELIVERED, utcnow()), else_=e.c.delivered_at),
+            failed_at=sa.case((src.status == _DEAD, utcnow()), else_=e.c.failed_at),
+            # A released row keeps the answer that stopped it, so operators see
+            # why it waits; any other outcome says what its own attempt got.
+            last_status_code=sa.case(
+                (released, sa.func.coalesce(src.code, e.c.last_status_code)), else_=src.code
+            ),
+            last_error=sa.case(
+                (src.status == _DELIVERED, sa.null()),
+                (released, sa.func.coalesce(src.error, e.c.last_error)),
+                else_=src.error,
+            ),
+            lease_token=None,
+            lease_expires_at=None,
+        )
+    )
+
+
+def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
+    """outbox_attempts rows for charged failures, only for rows still ours."""
+    select = sa.select(e.c.id, src.attempt, src.code, src.error, src.ms)
+    if from_ is not None:
+        select = select.select_from(from_)
+    return sa.insert(outbox_attempts).from_select(
+        ["event_id", "attempt", "status_code", "error", "duration_ms"],
+        select.where(e.c.id == src.id, e.c.status == _IN_FLIGHT, e.c.lease_token == src.token),
+    )
+
+
+class _Params:
+    """Each column as a bound parameter: executemany, one row per parameter set."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        for name in columns:
+            setattr(self, name, sa.bindparam(f"b_{name}", type_=_TYPES[name]))
+
+
+def _arrays(columns: Sequence[str]) -> Any:
+    """Each column as a PostgreSQL array unnested into rows: one statement, one round trip."""
+    unnest = sa.func.unnest(
+        *(sa.bindparam(f"b_{name}", type_=postgresql.ARRAY(_TYPES[name])) for name in columns)
+    )
+    return unnest.table_valued(*columns).render_derived(name="v")
+
+
+_ARRAY_OUTCOMES = _arrays(_OUTCOME_COLUMNS)
+_ARRAY_ATTEMPTS = _arrays(_ATTEMPT_COLUMNS)
+_WRITE = {
+    "sqlite": (
+        _outcome_statement(_Params(_OUTCOME_COLUMNS)),
+        _attempt_statement(_Params(_ATTEMPT_COLUMNS)),
+    ),
+    "postgresql": (
+        _outcome_statement(_ARRAY_OUTCOMES.c),
+        _attempt_statement(_ARRAY_ATTEMPTS.c, _ARRAY_ATTEMPTS),
+    ),
+}
 
 _BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
     e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
@@ -211,7 +245,7 @@ _LOCK_KEY = 0x6F7574626F78
 _RESCUE = (
     sa.update(e)
     .where(e.c.status == _IN_FLIGHT, e.c.lease_expires_at < utcnow())
-    .values(status=_PENDING, next_attempt_at=utcnow(), **_NO_LEASE)
+    .values(status=_PENDING, next_attempt_at=utcnow(), lease_token=None, lease_expires_at=None)
     .returning(e.c.id)
 )
 
@@ -243,18 +277,17 @@ class OutboxStore:
         return claimed
 
     def record(self, records: Sequence[Record]) -> None:
-        """Write a batch of outcomes in one transaction: one statement per kind of outcome."""
+        """Write a batch of outcomes in one transaction: the attempt rows, then the outcomes."""
         if not records:
             return
-        attempts = [_attempt_params(r) for r in records if _writes_attempt(r.outcome)]
-        by_action: dict[Action, list[dict[str, Any]]] = {}
-        for r in records:
-            by_action.setdefault(r.outcome.action, []).append(_write_params(r))
+        outcomes = [_outcome_row(r) for r in records]
+        attempts = [_attempt_row(r) for r in records if _writes_attempt(r.outcome)]
+        write_outcomes, write_attempts = _WRITE[self.dialect]
         with self.engine.begin() as conn:
+            # Attempts first: their guard needs the rows still in_flight.
             if attempts:
-                conn.execute(_ATTEMPT, attempts)
-            for action, params in by_action.items():
-                conn.execute(_WRITE[action], params)
+                conn.execute(write_attempts, _bind(_ATTEMPT_COLUMNS, attempts, self.dialect))
+            conn.execute(write_outcomes, _bind(_OUTCOME_COLUMNS, outcomes, self.dialect))
 
     def rescue_expired_leases(self) -> list[int]:
         """Put rows whose claim has expired (a daemon died) back in the queue."""
@@ -438,31 +471,40 @@ def _writes_attempt(outcome: Outcome) -> bool:
     return outcome.charged and outcome.action in (Action.RETRY, Action.DEAD)
 
 
-def _attempt_params(r: Record) -> dict[str, Any]:
-    return {
-        "b_id": r.event.id,
-        "b_token": r.event.lease_token,
-        "b_attempt": r.event.attempts + 1,
-        "b_code": r.outcome.status_code,
-        "b_error": r.outcome.error,
-        "b_ms": r.outcome.duration_ms,
-    }
-
-
-def _write_params(r: Record) -> dict[str, Any]:
+def _attempt_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
-    params: dict[str, Any] = {
-        "b_id": r.event.id,
-        "b_token": r.event.lease_token,
-        "b_code": o.status_code,
-    }
-    if o.action is not Action.DELIVERED:
-        params["b_error"] = o.error
-    if o.action in (Action.RETRY, Action.RELEASE):
-        params["b_retry_in"] = o.retry_in
-    if o.action is Action.DEAD:
-        params["b_charge"] = 1 if o.charged else 0
-    return params
+    return (
+        r.event.id,
+        r.event.lease_token,
+        r.event.attempts + 1,
+        o.status_code,
+        o.error,
+        o.duration_ms,
+    )
+
+
+def _outcome_row(r: Record) -> tuple[Any, ...]:
+    o = r.outcome
+    charge = 1 if o.charged and o.action is not Action.RELEASE else 0
+    return (
+        r.event.id,
+        r.event.lease_token,
+        _STATUS[o.action],
+        charge,
+        o.status_code,
+        o.error,
+        o.retry_in,
+    )
+
+
+def _bind(columns: Sequence[str], rows: list[tuple[Any, ...]], dialect: str) -> Any:
+    """Rows as executemany parameter sets, or on PostgreSQL as one array per column."""
+    if dialect == "postgresql":
+        return {
+            f"b_{name}": list(values)
+            for name, values in zip(columns, zip(*rows, strict=True), strict=True)
+        }
+    return [{f"b_{name}": value for name, value in zip(columns, row, strict=True)} for row in rows]
 
 
 def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
