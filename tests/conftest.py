@@ -115,7 +115,8 @@ def fast_settings(db_url: str, endpoint_url: str, **overrides: Any) -> Settings:
 
 def deliver(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> int:
     """Run the real daemon in this process until drained; return its exit code."""
-    settings = fast_settings(str(engine.url), endpoint_url, **overrides)
+    url = engine.url.render_as_string(hide_password=False)
+    settings = fast_settings(url, endpoint_url, **overrides)
     deliverer = Deliverer(
         endpoint_url, KEY, timeout=settings.timeout, pool_size=settings.concurrency
     )

@@ -53,7 +53,9 @@ def row(engine: sa.Engine, event_id: int) -> Any:
 
 
 def attempt_rows(engine: sa.Engine, event_id: int | None = None) -> list[Any]:
-    query = sa.select(outbox_attempts).order_by(outbox_attempts.c.event_id, outbox_attempts.c.attempt)
+    query = sa.select(outbox_attempts).order_by(
+        outbox_attempts.c.event_id, outbox_attempts.c.attempt
+    )
     if event_id is not None:
         query = query.where(outbox_attempts.c.event_id == event_id)
     with engine.connect() as conn:

@@ -483,7 +483,3 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="INFO", type=str.upper)
     demo.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

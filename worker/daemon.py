@@ -390,6 +390,8 @@ class Daemon:
         )
 
     def _log_db_retry(self, state: tenacity.RetryCallState) -> None:
+        # Waiting out an outage is alive (not ready): a liveness probe must not restart us.
+        self.telemetry.loop_turned()
         self.telemetry.database_answered(False)
         exc = state.outcome.exception() if state.outcome else None
         detail = str(getattr(exc, "orig", exc)).strip().splitlines()

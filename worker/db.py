@@ -98,9 +98,17 @@ class SchemaNotCurrent(RuntimeError):
 def require_current_schema(engine: sa.Engine) -> None:
     """Raise SchemaNotCurrent, saying what to run, unless the database is migrated."""
     current, head = schema_revision(engine)
-    if current != head:
-        found = f"at revision {current}" if current else "not migrated"
+    if current == head:
+        return
+    known = {
+        rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()
+    }
+    if current is not None and current not in known:
         raise SchemaNotCurrent(
-            f"the outbox database is {found}; this version needs {head}:"
-            " run `outbox-worker migrate`"
+            f"the outbox database is at revision {current}, newer than this version knows"
+            f" ({head}): upgrade outbox-worker on this host"
         )
+    found = f"at revision {current}" if current else "not migrated"
+    raise SchemaNotCurrent(
+        f"the outbox database is {found}; this version needs {head}: run `outbox-worker migrate`"
+    )

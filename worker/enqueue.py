@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
 from worker.schema import UTCDateTime, dialect_insert, outbox_events, seconds_from_now
@@ -70,6 +70,8 @@ def track_events(
 def _connection(session: Session | sa.Connection) -> sa.Connection:
     if isinstance(session, sa.Connection):
         return session
+    if isinstance(session, scoped_session):  # e.g. Flask-SQLAlchemy's db.session
+        session = session()
     if isinstance(session, Session):
         # Session.connection() joins the caller's transaction without flushing
         # their pending objects, which Session.execute() would do.

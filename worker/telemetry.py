@@ -40,7 +40,8 @@ class Telemetry:
         )
         self.released = Counter(
             "outbox_events_released",
-            "Claimed events put back uncharged, by why (halt, throttle, shutdown).",
+            "Claimed events put back uncharged, by why (halt, throttle, unsent: at shutdown or"
+            " while halted).",
             ["reason"],
             registry=r,
         )

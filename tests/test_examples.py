@@ -1,0 +1,382 @@
+"""The examples, run for real: Flask and FastAPI apps through their test clients on
+SQLite and PostgreSQL, the plain-SQL example through the real psql, and then the
+real daemon delivering what each wrote. Also worker.asyncio, which FastAPI uses.
+
+Expected bodies are written with object keys shortest first: PostgreSQL's jsonb
+stores them in that order, so these bodies are byte-exact on both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from flask.testing import FlaskClient
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from tests.conftest import deliver, rows
+from tests.endpoint import Endpoint
+from tests.pgserver import find_bin_dir
+from worker import InvalidEvent, db
+from worker import asyncio as outbox_async
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ORDER = {"email": "jane@example.com", "product": "Wrist watch", "price": "50.00"}
+SIGNUP = {"email": "jane@example.com", "plan": "pro"}
+
+
+def load_example(name: str) -> ModuleType:
+    """Import examples/<name>.py once (examples/ is a folder of scripts, not a package)."""
+    module_name = f"outbox_example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # Flask finds its root path through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def async_url(url: str) -> str:
+    """The same database through an async driver: aiosqlite, or psycopg 3's async side."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    return parsed.render_as_string(hide_password=False)
+
+
+def count(engine: sa.Engine, table: str) -> int:
+    return rows(engine, f"SELECT count(*) FROM {table}")[0][0]
+
+
+@pytest.fixture
+def sync_engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = db.create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+# -- Flask + Flask-SQLAlchemy ----------------------------------------------------
+
+
+@pytest.fixture
+def flask_client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlaskClient]:
+    example = load_example("flask_app")
+    monkeypatch.setenv("SHOP_DATABASE_URL", db_url)
+    app = example.create_app()
+    yield app.test_client()
+    with app.app_context():
+        example.db.engine.dispose()
+
+
+def test_flask_order_and_its_event_commit_together(
+    flask_client: FlaskClient, sync_engine: sa.Engine
+) -> None:
+    answer = flask_client.post("/orders", json=ORDER)
+
+    assert answer.status_code == 201, answer.get_data(as_text=True)
+    order_id, outbox_id = answer.json["order_id"], answer.json["outbox_id"]
+    assert rows(sync_engine, "SELECT id, email FROM shop_orders") == [(order_id, ORDER["email"])]
+    [event] = rows(sync_engine)
+    assert (event.id, event.event, event.status) == (outbox_id, "order_completed", "pending")
+
+
+def test_flask_declined_payment_leaves_neither_order_nor_event(
+    flask_client: FlaskClient, sync_engine: sa.Engine
+) -> None:
+    answer = flask_client.post("/orders", json={**ORDER, "payment_token": "tok_declined"})
+
+    assert answer.status_code == 402
+    assert (count(sync_engine, "shop_orders"), count(sync_engine, "outbox_events")) == (0, 0)
+
+
+def test_flask_invalid_email_answers_422_and_leaves_no_order(
+    flask_client: FlaskClient, sync_engine: sa.Engine
+) -> None:
+    answer = flask_client.post("/orders", json={**ORDER, "email": "jane at example.com"})
+
+    assert (answer.status_code, answer.json["field"]) == (422, "email")
+    assert (count(sync_engine, "shop_orders"), count(sync_engine, "outbox_events")) == (0, 0)
+
+
+def test_flask_order_event_is_delivered_with_the_exact_body(
+    flask_client: FlaskClient, sync_engine: sa.Engine, endpoint: Endpoint
+) -> None:
+    order_id = flask_client.post("/orders", json={**ORDER, "first_name": "Jane"}).json["order_id"]
+
+    assert deliver(sync_engine, endpoint.url) == 0
+    assert [r.raw for r in endpoint.requests] == [
+        b'{"email":"jane@example.com","event":"order_completed",'
+        b'"properties":{"FIRSTNAME":"Jane"},'
+        b'"eventdata":{"id":"order:%d","data":{"price":"50.00","product":"Wrist watch"}}}'
+        % order_id
+    ]
+
+
+# -- FastAPI + SQLAlchemy asyncio -------------------------------------------------
+
+
+@pytest.fixture
+def fastapi_client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("SIGNUPS_DATABASE_URL", async_url(db_url))
+    app = load_example("fastapi_app").create_app()
+    with TestClient(app) as client:  # runs the lifespan: creates the table, disposes the engine
+        yield client
+
+
+def test_fastapi_signup_and_its_event_commit_together(
+    fastapi_client: TestClient, sync_engine: sa.Engine
+) -> None:
+    answer = fastapi_client.post("/signups", json=SIGNUP)
+
+    assert answer.status_code == 201, answer.text
+    assert rows(sync_engine, "SELECT email, plan FROM signups") == [("jane@example.com", "pro")]
+    [event] = rows(sync_engine)
+    assert (event.id, event.event, event.status) == (
+        answer.json()["outbox_id"],
+        "signed_up",
+        "pending",
+    )
+
+
+def test_fastapi_duplicate_signup_answers_409_and_leaves_no_second_event(
+    fastapi_client: TestClient, sync_engine: sa.Engine
+) -> None:
+    first = fastapi_client.post("/signups", json=SIGNUP)
+    second = fastapi_client.post("/signups", json={**SIGNUP, "plan": "free"})
+
+    assert (first.status_code, second.status_code) == (201, 409)
+    assert rows(sync_engine, "SELECT id FROM outbox_events") == [(first.json()["outbox_id"],)]
+    assert count(sync_engine, "signups") == 1
+
+
+def test_fastapi_invalid_email_answers_422_and_leaves_no_signup(
+    fastapi_client: TestClient, sync_engine: sa.Engine
+) -> None:
+    answer = fastapi_client.post("/signups", json={**SIGNUP, "email": "jane@localhost"})
+
+    assert (answer.status_code, answer.json()["detail"]["field"]) == (422, "email")
+    assert (count(sync_engine, "signups"), count(sync_engine, "outbox_events")) == (0, 0)
+
+
+def test_fastapi_signup_event_is_delivered_with_the_exact_body(
+    fastapi_client: TestClient, sync_engine: sa.Engine, endpoint: Endpoint
+) -> None:
+    assert fastapi_client.post("/signups", json=SIGNUP).status_code == 201
+
+    assert deliver(sync_engine, endpoint.url) == 0
+    assert [r.raw for r in endpoint.requests] == [
+        b'{"email":"jane@example.com","event":"signed_up","properties":{"PLAN":"pro"},'
+        b'"eventdata":{"id":"signup:jane@example.com","data":{"plan":"pro"}}}'
+    ]
+
+
+# -- plain SQL through psql --------------------------------------------------------
+
+
+def psql_binary() -> str:
+    bundled = find_bin_dir() / "psql"  # the client of the server the tests run
+    found = str(bundled) if bundled.exists() else shutil.which("psql")
+    assert found, "no psql: install the postgresql-client package"
+    return found
+
+
+def run_plain_sql_example(pg_url: str) -> subprocess.CompletedProcess[str]:
+    libpq_url = sa.make_url(pg_url).set(drivername="postgresql")
+    return subprocess.run(
+        [
+            psql_binary(),
+            libpq_url.render_as_string(hide_password=False),
+            "-X",  # no ~/.psqlrc: the file alone decides what runs
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            str(EXAMPLES / "plain_sql.sql"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_psql_example_commits_the_invoice_and_its_event_and_rolls_back_the_other(
+    pg_url: str,
+) -> None:
+    result = run_plain_sql_example(pg_url)
+
+    assert result.returncode == 0, result.stderr
+    engine = db.create_engine(pg_url)
+    try:
+        assert rows(engine, "SELECT email FROM invoices") == [("jane@example.com",)]
+        assert rows(engine, "SELECT email, event, status FROM outbox_events") == [
+            ("jane@example.com", "invoice_paid", "pending")
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_psql_example_event_is_delivered_with_the_exact_body(
+    pg_url: str, endpoint: Endpoint
+) -> None:
+    assert run_plain_sql_example(pg_url).returncode == 0
+    engine = db.create_engine(pg_url)
+    try:
+        [(invoice_id,)] = rows(engine, "SELECT id FROM invoices")
+        assert deliver(engine, endpoint.url) == 0
+    finally:
+        engine.dispose()
+    assert [r.raw for r in endpoint.requests] == [
+        b'{"email":"jane@example.com","event":"invoice_paid","properties":{"FIRSTNAME":"Jane"},'
+        b'"eventdata":{"id":"invoice:%d","data":{"amount":"42.00"}}}' % invoice_id
+    ]
+
+
+# -- worker.asyncio ------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    """A business row of the test's own, to see what a flush would send."""
+
+    __tablename__ = "test_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str]
+
+
+@pytest.fixture
+def async_engine(db_url: str) -> Iterator[AsyncEngine]:
+    engine = create_async_engine(async_url(db_url))
+
+    async def create_notes() -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    asyncio.run(create_notes())
+    yield engine
+    asyncio.run(engine.dispose())
+
+
+EVENT: dict[str, Any] = {"email": "jane@example.com", "event": "cart_updated"}
+
+
+def test_async_session_event_commits_with_the_transaction(
+    async_engine: AsyncEngine, sync_engine: sa.Engine
+) -> None:
+    async def scenario() -> int:
+        async with AsyncSession(async_engine) as session, session.begin():
+            return await outbox_async.track_event(session, **EVENT)
+
+    outbox_id = asyncio.run(scenario())
+
+    assert rows(sync_engine, "SELECT id, event FROM outbox_events") == [(outbox_id, "cart_updated")]
+
+
+def test_async_session_rollback_leaves_no_row(
+    async_engine: AsyncEngine, sync_engine: sa.Engine
+) -> None:
+    async def scenario() -> None:
+        async with AsyncSession(async_engine) as session:
+            await outbox_async.track_event(session, **EVENT)
+            await session.rollback()
+
+    asyncio.run(scenario())
+
+    assert count(sync_engine, "outbox_events") == 0
+
+
+def test_async_connection_event_commits_with_the_transaction(
+    async_engine: AsyncEngine, sync_engine: sa.Engine
+) -> None:
+    async def scenario() -> int:
+        async with async_engine.begin() as conn:
+            return await outbox_async.track_event(conn, **EVENT)
+
+    outbox_id = asyncio.run(scenario())
+
+    assert rows(sync_engine, "SELECT id FROM outbox_events") == [(outbox_id,)]
+
+
+def test_async_track_events_returns_ids_in_the_order_given(
+    async_engine: AsyncEngine, sync_engine: sa.Engine
+) -> None:
+    events = [{"email": f"c{n}@example.com", "event": "signed_up"} for n in range(3)]
+
+    async def scenario() -> list[int]:
+        async with AsyncSession(async_engine) as session, session.begin():
+            return await outbox_async.track_events(session, events)
+
+    ids = asyncio.run(scenario())
+
+    stored = dict(rows(sync_engine, "SELECT id, email FROM outbox_events"))
+    assert [stored[i] for i in ids] == [e["email"] for e in events]
+
+
+def test_async_invalid_event_is_raised_before_any_sql(async_engine: AsyncEngine) -> None:
+    sent: list[str] = []
+    sa.event.listen(
+        async_engine.sync_engine,
+        "before_cursor_execute",
+        lambda _conn, _cursor, statement, *_: sent.append(statement),
+    )
+
+    async def scenario() -> None:
+        async with AsyncSession(async_engine) as session, session.begin():
+            session.add(Note(text="a flush would INSERT this"))
+            await outbox_async.track_event(session, email="not-an-address", event="x")
+
+    with pytest.raises(InvalidEvent) as raised:
+        asyncio.run(scenario())
+
+    assert raised.value.field == "email"
+    assert sent == []
+
+
+def test_async_track_event_does_not_flush_the_callers_pending_objects(
+    async_engine: AsyncEngine,
+) -> None:
+    async def scenario() -> bool:
+        async with AsyncSession(async_engine) as session, session.begin():
+            note = Note(text="still pending")
+            session.add(note)
+            await outbox_async.track_event(session, **EVENT)
+            return note in session.new
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_async_repeated_idempotency_key_returns_the_first_id(
+    async_engine: AsyncEngine, sync_engine: sa.Engine
+) -> None:
+    async def scenario() -> tuple[int, int]:
+        async with AsyncSession(async_engine) as session, session.begin():
+            first = await outbox_async.track_event(session, **EVENT, idempotency_key="cart:1")
+            again = await outbox_async.track_event(session, **EVENT, idempotency_key="cart:1")
+            return first, again
+
+    first, again = asyncio.run(scenario())
+
+    assert first == again
+    assert count(sync_engine, "outbox_events") == 1
+
+
+def test_async_track_event_refuses_a_sync_session(sync_engine: sa.Engine) -> None:
+    async def scenario() -> None:
+        with Session(sync_engine) as session:
+            await outbox_async.track_event(session, **EVENT)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match="AsyncSession"):
+        asyncio.run(scenario())
