@@ -299,9 +299,7 @@ def latency(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None:
             engine = db.create_engine(url)
             with engine.connect() as conn:
                 delivered = dict(
-                    conn.execute(sa.select(outbox_events.c.id, outbox_events.c.delivered_at))
-                    .tuples()
-                    .all()
+                    conn.execute(sa.select(outbox_events.c.id, outbox_events.c.delivered_at)).all()
                 )
             engine.dispose()
             lat = sorted(
