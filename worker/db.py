@@ -52,6 +52,9 @@ def create_engine(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    # No server-side prepared statements: they break behind a transaction-pooling
+    # PgBouncer, and the outbox runs few statements per second for them to save.
+    kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", None)
     try:
         return sa.create_engine(parsed, **kwargs)
     except sa.exc.NoSuchModuleError:

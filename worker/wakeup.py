@@ -35,12 +35,25 @@ class Listener:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _hears_itself(self, conn: psycopg.Connection) -> bool:
+        """Notify our own channel once: behind a transaction pooler the LISTEN is lost."""
+        conn.execute("SELECT pg_notify(%s, 'listener check')", (CHANNEL,))
+        return any(True for _ in conn.notifies(timeout=2.0, stop_after=1))
+
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=10, prepare_threshold=None
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if not self._hears_itself(conn):
+                        log.warning(
+                            "wake-ups off: LISTEN on this connection receives no notifications"
+                            " (a transaction-pooling PgBouncer?); polling every poll interval"
+                        )
+                        return
                     if failures:
                         log.info("wake-ups restored: listening on %r again", CHANNEL)
                     failures = 0
