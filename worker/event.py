@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_BODY_BYTES = 64 * 1024
-RESERVED_PROPERTY_KEYS = frozenset({"email", "event"})
 
 # No whitespace, exactly one "@", a non-empty local part, a domain with a dot
 # that neither starts nor ends it.
@@ -30,8 +28,7 @@ class InvalidEvent(ValueError):
         self.rule = rule
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """A validated event: the fields exactly as they will be sent, and the body that carries them."""
 
     email: str
@@ -70,36 +67,35 @@ def validate(
         raise InvalidEvent("event", f"must be a string, not {type(event).__name__}")
     if not event.strip():
         raise InvalidEvent("event", "must not be empty")
-    _check_text("email", email)
-    _check_text("event", event)
+    for field, text in (("email", email), ("event", event)):
+        if "\x00" in text:
+            raise InvalidEvent(field, "must not contain a NUL character")
     parts = [f'{{"email":{_dumps(email)},"event":{_dumps(event)}']
     if properties is not None:
-        _check_object("properties", properties)
-        reserved = sorted(RESERVED_PROPERTY_KEYS.intersection(properties))
-        if reserved:
-            raise InvalidEvent("properties", f"must not use the reserved key {reserved[0]!r}")
+        properties = _object("properties", properties)
+        if "email" in properties or "event" in properties:
+            key = "email" if "email" in properties else "event"
+            raise InvalidEvent("properties", f"must not use the reserved key {key!r}")
         parts.append(f',"properties":{_encode_json("properties", properties)}')
     if eventdata is not None:
-        _check_object("eventdata", eventdata)
+        eventdata = _object("eventdata", eventdata)
         if "id" in eventdata and not isinstance(eventdata["id"], str):
             raise InvalidEvent("eventdata", "id must be a string")
         if "data" in eventdata and not isinstance(eventdata["data"], Mapping):
             raise InvalidEvent("eventdata", "data must be an object")
         parts.append(f',"eventdata":{_encode_json("eventdata", eventdata)}')
     parts.append("}")
-    # Each part was checked to encode, so the whole body does.
-    encoded = "".join(parts).encode("utf-8")
+    try:
+        encoded = "".join(parts).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _not_utf8(
+            email=email, event=event, properties=properties, eventdata=eventdata
+        ) from None
     if len(encoded) > max_body_bytes:
         raise InvalidEvent(
             "body", f"size {len(encoded)} bytes is over the limit of {max_body_bytes}"
         )
-    return Event(
-        email,
-        event,
-        dict(properties) if properties is not None else None,
-        dict(eventdata) if eventdata is not None else None,
-        encoded,
-    )
+    return Event(email, event, properties, eventdata, encoded)
 
 
 def from_stored(
@@ -136,18 +132,24 @@ def from_json_object(obj: Any, *, max_body_bytes: int = MAX_BODY_BYTES) -> Event
     )
 
 
-def _check_object(field: str, value: Any) -> None:
+def _object(field: str, value: Any) -> dict[str, Any]:
+    """The value as a plain dict (what gets stored), or InvalidEvent if it is no object."""
+    if type(value) is dict:
+        return value
     if not isinstance(value, Mapping):
         raise InvalidEvent(field, f"must be a JSON object, not {type(value).__name__}")
+    return dict(value)
 
 
-def _check_text(field: str, value: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidEvent(field, "is not valid UTF-8 text") from None
-    if "\x00" in value:
-        raise InvalidEvent(field, "must not contain a NUL character")
+def _not_utf8(**fields: Any) -> InvalidEvent:
+    """Which field holds text that UTF-8 cannot encode (lone surrogates)."""
+    for field, value in fields.items():
+        text = value if isinstance(value, str) else _dumps(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return InvalidEvent(field, "contains text that is not valid UTF-8")
+    return InvalidEvent("body", "is not valid UTF-8")
 
 
 def _encode_json(field: str, value: Any) -> str:
@@ -165,10 +167,6 @@ def _encode_json(field: str, value: Any) -> str:
         ) from None
     except TypeError as exc:
         raise InvalidEvent(field, f"is not JSON-serialisable ({exc})") from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidEvent(field, "contains text that is not valid UTF-8") from None
     if "\\u0000" in text:
         # PostgreSQL's jsonb cannot store the NUL character.
         raise InvalidEvent(field, "must not contain a NUL character")
