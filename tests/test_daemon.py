@@ -671,3 +671,43 @@ def test_rate_limit_spaces_requests(engine, endpoint):
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert times[-1] - times[0] >= 0.35  # 9 intervals of 0.05s, with slack
     assert min(gaps) >= 0.01, gaps
+
+
+def _cpu_seconds_while_running(engine: sa.Engine, endpoint: Endpoint, seconds: float) -> float:
+    """CPU this process spends while a daemon (not draining) sits for `seconds`."""
+    settings = fast_settings(
+        engine.url.render_as_string(hide_password=False),
+        endpoint.url,
+        exit_when_drained=False,
+        halt_probe_interval=30.0,
+        poll_interval=1.0,
+    )
+    deliverer = Deliverer(endpoint.url, KEY, timeout=settings.timeout, pool_size=4)
+    daemon = Daemon(settings, OutboxStore(engine), deliverer)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the first answer has come back by now
+    started = time.process_time()
+    time.sleep(seconds)
+    used = time.process_time() - started
+    daemon.stop()
+    thread.join(10)
+    return used
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(401, b'{"code":"unauthorized","message":"Key not found"}'),
+        Reply(429, headers={"Retry-After": "30"}),
+    ],
+    ids=["halted", "paused-by-429"],
+)
+def test_a_halted_or_paused_daemon_waits_instead_of_spinning(engine, endpoint, reply):
+    endpoint.default = reply
+    with engine.begin() as conn:
+        track_event(conn, email="a@example.com", event="x")
+    used = _cpu_seconds_while_running(engine, endpoint, 2.0)
+    # A loop that spins burns a whole core (about 2 s here); waiting costs next to nothing.
+    assert used < 0.5, f"{used:.2f} s of CPU in 2 s of waiting"
+    assert len(endpoint.requests) == 1

@@ -131,15 +131,15 @@ class Daemon:
             self._write_records()
             if self._stopping.is_set():
                 break
-            claimed_nothing = self._claim()
+            claimed = self._claim()
             self.telemetry.in_flight.set(len(self._outstanding))
             if self._halted and s.exit_when_drained and not self._outstanding:
                 log.error("delivery halted: %s; exiting (--exit-when-drained)", self._halted)
                 return EXIT_HALTED
-            if s.exit_when_drained and claimed_nothing and not self._outstanding:
+            if s.exit_when_drained and claimed == 0 and not self._outstanding:
                 log.info("drained: nothing is due; %d delivered by this run", self.delivered)
                 return EXIT_OK
-            if claimed_nothing or self._capacity() < self._claim_threshold():
+            if not claimed:  # nothing due, or not asking (full, paused, halted): wait
                 self._wake.wait(self._idle_wait())
         return EXIT_OK
 
@@ -151,20 +151,21 @@ class Daemon:
         # Claim in sizeable batches when busy, but keep the senders fed.
         return max(1, min(self.settings.batch_size, self.settings.concurrency) // 2)
 
-    def _claim(self) -> bool:
-        """Claim what fits; True when the database had nothing due for us."""
+    def _claim(self) -> int | None:
+        """Claim what fits and return how many; None when it did not ask (full,
+        paused by a 429, or halted until the next probe)."""
         s = self.settings
         probe = False
         if self._halted:
             if time.monotonic() < self._next_probe or self._outstanding:
-                return False
+                return None
             probe, limit = True, 1
         elif self.gate.paused_for() > 0:
-            return False
+            return None
         else:
             limit = min(s.batch_size, self._capacity())
             if limit < self._claim_threshold():
-                return False
+                return None
         token = f"{self._identity}:{next(self._claims)}"
         with self.telemetry.claim_seconds.time():
             claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
@@ -189,7 +190,7 @@ class Daemon:
                 )
                 continue
             self._jobs.put(_Job(event, body, probe))
-        return not claimed
+        return len(claimed)
 
     def _idle_wait(self) -> float:
         s = self.settings
