@@ -46,11 +46,13 @@ def pg_server() -> Iterator[PostgresServer]:
     server.destroy()
 
 
-def new_pg_database(server: PostgresServer) -> str:
+def new_pg_database(server: PostgresServer, template: str | None = "outbox_template") -> str:
+    """A new database: a copy of the migrated template, or empty with template=None."""
     name = f"outbox_test_{next(_db_numbers)}"
+    copy = f" TEMPLATE {template}" if template else ""
     engine = sa.create_engine(server.url(), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE outbox_template"))
+        conn.execute(sa.text(f"CREATE DATABASE {name}{copy}"))
     engine.dispose()
     return server.url(name)
 
@@ -67,6 +69,14 @@ def sqlite_url(tmp_path: Path) -> str:
     db.migrate(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database never migrated (on SQLite, a file that does not exist yet)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    return new_pg_database(request.getfixturevalue("pg_server"), template=None)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

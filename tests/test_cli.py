@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import KEY, SAMPLE_EVENTS, deliver, run_cli
 from tests.endpoint import Endpoint, Reply
-from tests.pgserver import PostgresServer, free_port
+from tests.pgserver import free_port
 from worker import db, track_events
 from worker.schema import outbox_events
 
@@ -176,20 +176,6 @@ def utcnow() -> dt.datetime:
 
 
 # -- migrate -----------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database with no schema yet (on SQLite, a file that does not exist yet)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'fresh.db'}"
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    name = f"outbox_fresh_{os.getpid()}_{time.monotonic_ns()}"
-    engine = sa.create_engine(server.url(), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return server.url(name)
 
 
 def test_migrate_creates_the_outbox_schema_on_an_empty_database(empty_url):

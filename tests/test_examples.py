@@ -60,13 +60,6 @@ def count(engine: sa.Engine, table: str) -> int:
     return rows(engine, f"SELECT count(*) FROM {table}")[0][0]
 
 
-@pytest.fixture
-def sync_engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = db.create_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
 # -- Flask + Flask-SQLAlchemy ----------------------------------------------------
 
 
@@ -81,41 +74,41 @@ def flask_client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask
 
 
 def test_flask_order_and_its_event_commit_together(
-    flask_client: FlaskClient, sync_engine: sa.Engine
+    flask_client: FlaskClient, engine: sa.Engine
 ) -> None:
     answer = flask_client.post("/orders", json=ORDER)
 
     assert answer.status_code == 201, answer.get_data(as_text=True)
     order_id, outbox_id = answer.json["order_id"], answer.json["outbox_id"]
-    assert rows(sync_engine, "SELECT id, email FROM shop_orders") == [(order_id, ORDER["email"])]
-    [event] = rows(sync_engine)
+    assert rows(engine, "SELECT id, email FROM shop_orders") == [(order_id, ORDER["email"])]
+    [event] = rows(engine)
     assert (event.id, event.event, event.status) == (outbox_id, "order_completed", "pending")
 
 
 def test_flask_declined_payment_leaves_neither_order_nor_event(
-    flask_client: FlaskClient, sync_engine: sa.Engine
+    flask_client: FlaskClient, engine: sa.Engine
 ) -> None:
     answer = flask_client.post("/orders", json={**ORDER, "payment_token": "tok_declined"})
 
     assert answer.status_code == 402
-    assert (count(sync_engine, "shop_orders"), count(sync_engine, "outbox_events")) == (0, 0)
+    assert (count(engine, "shop_orders"), count(engine, "outbox_events")) == (0, 0)
 
 
 def test_flask_invalid_email_answers_422_and_leaves_no_order(
-    flask_client: FlaskClient, sync_engine: sa.Engine
+    flask_client: FlaskClient, engine: sa.Engine
 ) -> None:
     answer = flask_client.post("/orders", json={**ORDER, "email": "jane at example.com"})
 
     assert (answer.status_code, answer.json["field"]) == (422, "email")
-    assert (count(sync_engine, "shop_orders"), count(sync_engine, "outbox_events")) == (0, 0)
+    assert (count(engine, "shop_orders"), count(engine, "outbox_events")) == (0, 0)
 
 
 def test_flask_order_event_is_delivered_with_the_exact_body(
-    flask_client: FlaskClient, sync_engine: sa.Engine, endpoint: Endpoint
+    flask_client: FlaskClient, engine: sa.Engine, endpoint: Endpoint
 ) -> None:
     order_id = flask_client.post("/orders", json={**ORDER, "first_name": "Jane"}).json["order_id"]
 
-    assert deliver(sync_engine, endpoint.url) == 0
+    assert deliver(engine, endpoint.url) == 0
     assert [r.raw for r in endpoint.requests] == [
         b'{"email":"jane@example.com","event":"order_completed",'
         b'"properties":{"FIRSTNAME":"Jane"},'
@@ -136,13 +129,13 @@ def fastapi_client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tes
 
 
 def test_fastapi_signup_and_its_event_commit_together(
-    fastapi_client: TestClient, sync_engine: sa.Engine
+    fastapi_client: TestClient, engine: sa.Engine
 ) -> None:
     answer = fastapi_client.post("/signups", json=SIGNUP)
 
     assert answer.status_code == 201, answer.text
-    assert rows(sync_engine, "SELECT email, plan FROM signups") == [("jane@example.com", "pro")]
-    [event] = rows(sync_engine)
+    assert rows(engine, "SELECT email, plan FROM signups") == [("jane@example.com", "pro")]
+    [event] = rows(engine)
     assert (event.id, event.event, event.status) == (
         answer.json()["outbox_id"],
         "signed_up",
@@ -151,31 +144,31 @@ def test_fastapi_signup_and_its_event_commit_together(
 
 
 def test_fastapi_duplicate_signup_answers_409_and_leaves_no_second_event(
-    fastapi_client: TestClient, sync_engine: sa.Engine
+    fastapi_client: TestClient, engine: sa.Engine
 ) -> None:
     first = fastapi_client.post("/signups", json=SIGNUP)
     second = fastapi_client.post("/signups", json={**SIGNUP, "plan": "free"})
 
     assert (first.status_code, second.status_code) == (201, 409)
-    assert rows(sync_engine, "SELECT id FROM outbox_events") == [(first.json()["outbox_id"],)]
-    assert count(sync_engine, "signups") == 1
+    assert rows(engine, "SELECT id FROM outbox_events") == [(first.json()["outbox_id"],)]
+    assert count(engine, "signups") == 1
 
 
 def test_fastapi_invalid_email_answers_422_and_leaves_no_signup(
-    fastapi_client: TestClient, sync_engine: sa.Engine
+    fastapi_client: TestClient, engine: sa.Engine
 ) -> None:
     answer = fastapi_client.post("/signups", json={**SIGNUP, "email": "jane@localhost"})
 
     assert (answer.status_code, answer.json()["detail"]["field"]) == (422, "email")
-    assert (count(sync_engine, "signups"), count(sync_engine, "outbox_events")) == (0, 0)
+    assert (count(engine, "signups"), count(engine, "outbox_events")) == (0, 0)
 
 
 def test_fastapi_signup_event_is_delivered_with_the_exact_body(
-    fastapi_client: TestClient, sync_engine: sa.Engine, endpoint: Endpoint
+    fastapi_client: TestClient, engine: sa.Engine, endpoint: Endpoint
 ) -> None:
     assert fastapi_client.post("/signups", json=SIGNUP).status_code == 201
 
-    assert deliver(sync_engine, endpoint.url) == 0
+    assert deliver(engine, endpoint.url) == 0
     assert [r.raw for r in endpoint.requests] == [
         b'{"email":"jane@example.com","event":"signed_up","properties":{"PLAN":"pro"},'
         b'"eventdata":{"id":"signup:jane@example.com","data":{"plan":"pro"}}}'
@@ -274,7 +267,7 @@ EVENT: dict[str, Any] = {"email": "jane@example.com", "event": "cart_updated"}
 
 
 def test_async_session_event_commits_with_the_transaction(
-    async_engine: AsyncEngine, sync_engine: sa.Engine
+    async_engine: AsyncEngine, engine: sa.Engine
 ) -> None:
     async def scenario() -> int:
         async with AsyncSession(async_engine) as session, session.begin():
@@ -282,12 +275,10 @@ def test_async_session_event_commits_with_the_transaction(
 
     outbox_id = asyncio.run(scenario())
 
-    assert rows(sync_engine, "SELECT id, event FROM outbox_events") == [(outbox_id, "cart_updated")]
+    assert rows(engine, "SELECT id, event FROM outbox_events") == [(outbox_id, "cart_updated")]
 
 
-def test_async_session_rollback_leaves_no_row(
-    async_engine: AsyncEngine, sync_engine: sa.Engine
-) -> None:
+def test_async_session_rollback_leaves_no_row(async_engine: AsyncEngine, engine: sa.Engine) -> None:
     async def scenario() -> None:
         async with AsyncSession(async_engine) as session:
             await outbox_async.track_event(session, **EVENT)
@@ -295,11 +286,11 @@ def test_async_session_rollback_leaves_no_row(
 
     asyncio.run(scenario())
 
-    assert count(sync_engine, "outbox_events") == 0
+    assert count(engine, "outbox_events") == 0
 
 
 def test_async_connection_event_commits_with_the_transaction(
-    async_engine: AsyncEngine, sync_engine: sa.Engine
+    async_engine: AsyncEngine, engine: sa.Engine
 ) -> None:
     async def scenario() -> int:
         async with async_engine.begin() as conn:
@@ -307,11 +298,11 @@ def test_async_connection_event_commits_with_the_transaction(
 
     outbox_id = asyncio.run(scenario())
 
-    assert rows(sync_engine, "SELECT id FROM outbox_events") == [(outbox_id,)]
+    assert rows(engine, "SELECT id FROM outbox_events") == [(outbox_id,)]
 
 
 def test_async_track_events_returns_ids_in_the_order_given(
-    async_engine: AsyncEngine, sync_engine: sa.Engine
+    async_engine: AsyncEngine, engine: sa.Engine
 ) -> None:
     events = [{"email": f"c{n}@example.com", "event": "signed_up"} for n in range(3)]
 
@@ -321,14 +312,14 @@ def test_async_track_events_returns_ids_in_the_order_given(
 
     ids = asyncio.run(scenario())
 
-    stored = dict(rows(sync_engine, "SELECT id, email FROM outbox_events"))
+    stored = dict(rows(engine, "SELECT id, email FROM outbox_events"))
     assert [stored[i] for i in ids] == [e["email"] for e in events]
 
 
 def test_async_invalid_event_is_raised_before_any_sql(async_engine: AsyncEngine) -> None:
     sent: list[str] = []
     sa.event.listen(
-        async_engine.sync_engine,
+        async_engine.engine,
         "before_cursor_execute",
         lambda _conn, _cursor, statement, *_: sent.append(statement),
     )
@@ -359,7 +350,7 @@ def test_async_track_event_does_not_flush_the_callers_pending_objects(
 
 
 def test_async_repeated_idempotency_key_returns_the_first_id(
-    async_engine: AsyncEngine, sync_engine: sa.Engine
+    async_engine: AsyncEngine, engine: sa.Engine
 ) -> None:
     async def scenario() -> tuple[int, int]:
         async with AsyncSession(async_engine) as session, session.begin():
@@ -370,12 +361,12 @@ def test_async_repeated_idempotency_key_returns_the_first_id(
     first, again = asyncio.run(scenario())
 
     assert first == again
-    assert count(sync_engine, "outbox_events") == 1
+    assert count(engine, "outbox_events") == 1
 
 
-def test_async_track_event_refuses_a_sync_session(sync_engine: sa.Engine) -> None:
+def test_async_track_event_refuses_a_sync_session(engine: sa.Engine) -> None:
     async def scenario() -> None:
-        with Session(sync_engine) as session:
+        with Session(engine) as session:
             await outbox_async.track_event(session, **EVENT)  # type: ignore[arg-type]
 
     with pytest.raises(TypeError, match="AsyncSession"):

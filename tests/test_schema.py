@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from tests.conftest import rows, run_cli
-from tests.pgserver import PostgresServer
 from worker import db
 from worker.schema import metadata, outbox_events
 
@@ -66,20 +64,6 @@ def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
     engine = db.create_engine(pg_url)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A database that exists but has never been migrated."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    name = f"schema_empty_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return server.url(name)
 
 
 # -- the migrations match the metadata -------------------------------------------
