@@ -376,17 +376,20 @@ def history(args: argparse.Namespace, pg_backend: Backend, nginx: Nginx) -> None
 
 
 def bulk_history(url: str, n: int, status: str = "delivered") -> None:
+    """n rows in one statement: delivered a month ago, or a pending backlog."""
+    delivered = status == "delivered"
+    delivered_at = "now() - interval '30 days'" if delivered else "NULL"
     engine = db.create_engine(url)
     with engine.begin() as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO outbox_events (email, event, properties, status, attempts, delivered_at)"
                 " SELECT 'h' || g || '@example.com', 'cart_updated', '{\"FIRSTNAME\": \"Jane\"}',"
-                " :status, CASE WHEN :status = 'delivered' THEN 1 ELSE 0 END,"
-                " CASE WHEN :status = 'delivered' THEN now() - interval '30 days' END"
+                f" '{status}', {1 if delivered else 0},"
+                f" {delivered_at}"
                 " FROM generate_series(1, :n) AS g"
             ),
-            {"n": n, "status": status},
+            {"n": n},
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE outbox_events"))

@@ -1,8 +1,13 @@
-"""The status-code table, the retry schedule and its budget: worker/policy.py, pure."""
+"""The status-code table, the retry schedule and its budget (INTERFACE sections 4 and 6).
+
+worker/policy.py is pure: an answer and the row's history go in, what to write
+comes out. No database, no HTTP.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import statistics
 
 import pytest
@@ -19,98 +24,288 @@ from worker.policy import (
 )
 
 YOUNG = dt.timedelta(seconds=1)
+SAMPLES = 200
 
 
-@pytest.mark.parametrize(
-    ("code", "verdict"),
-    [
-        (200, Verdict.DELIVERED), (201, Verdict.DELIVERED), (202, Verdict.DELIVERED),
-        (204, Verdict.DELIVERED),
-        (400, Verdict.DEAD), (405, Verdict.DEAD), (409, Verdict.DEAD), (413, Verdict.DEAD),
-        (422, Verdict.DEAD),
-        (408, Verdict.RETRY), (500, Verdict.RETRY), (502, Verdict.RETRY), (503, Verdict.RETRY),
-        (504, Verdict.RETRY), (None, Verdict.RETRY),
-        (401, Verdict.HALT), (403, Verdict.HALT), (404, Verdict.HALT), (301, Verdict.HALT),
-        (302, Verdict.HALT), (307, Verdict.HALT),
-        (429, Verdict.THROTTLE),
-    ],
-)  # fmt: skip
-def test_classification_table(code, verdict):
-    assert classify(code) is verdict
+# -- the classification table ------------------------------------------------------
 
 
-def test_a_delivery_charges_one_attempt():
+@pytest.mark.parametrize("code", [200, 201, 202, 204, 299])
+def test_2xx_is_delivered(code: int) -> None:
+    assert classify(code) is Verdict.DELIVERED
+
+
+@pytest.mark.parametrize("code", [400, 405, 409, 410, 413, 415, 422, 451, 499])
+def test_permanent_4xx_is_dead(code: int) -> None:
+    assert classify(code) is Verdict.DEAD
+
+
+@pytest.mark.parametrize("code", [408, 500, 502, 503, 504, 599])
+def test_408_and_5xx_are_retried(code: int) -> None:
+    assert classify(code) is Verdict.RETRY
+
+
+def test_no_answer_at_all_is_retried() -> None:
+    assert classify(None) is Verdict.RETRY
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+def test_bad_key_or_wrong_url_halts(code: int) -> None:
+    assert classify(code) is Verdict.HALT
+
+
+@pytest.mark.parametrize("code", [300, 301, 302, 303, 307, 308])
+def test_3xx_halts_because_redirects_are_not_followed(code: int) -> None:
+    assert classify(code) is Verdict.HALT
+
+
+def test_429_throttles() -> None:
+    assert classify(429) is Verdict.THROTTLE
+
+
+# -- decide -----------------------------------------------------------------------
+
+
+def test_delivery_is_marked_delivered() -> None:
     verdict, outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
-    assert (verdict, outcome.action, outcome.charged) == (Verdict.DELIVERED, Action.DELIVERED, True)
+    assert (verdict, outcome.action) == (Verdict.DELIVERED, Action.DELIVERED)
 
 
-def test_a_400_is_dead_at_once_with_the_endpoints_words():
-    _, outcome = decide(
-        Answer(400, "HTTP 400 invalid_parameter: bad email"), 0, YOUNG, RetryBudget()
-    )
-    assert outcome.action is Action.DEAD and outcome.charged
-    assert outcome.error == "HTTP 400 invalid_parameter: bad email"
+def test_delivery_charges_one_attempt() -> None:
+    _, outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
+    assert outcome.charged
 
 
-@pytest.mark.parametrize("code", [401, 403, 404, 302, 429])
-def test_halts_and_throttles_release_the_row_without_charging(code):
-    _, outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
-    assert outcome.action is Action.RELEASE and not outcome.charged
+def test_delivery_keeps_no_error() -> None:
+    _, outcome = decide(Answer(204, "ignored"), 0, YOUNG, RetryBudget())
+    assert outcome.error is None
 
 
-def test_failures_retry_until_the_attempt_budget_then_die_saying_so():
-    budget = RetryBudget(max_attempts=3)
-    _, first = decide(Answer(503, "HTTP 503"), 0, YOUNG, budget)
-    _, second = decide(Answer(503, "HTTP 503"), 1, YOUNG, budget)
-    _, third = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
-    assert [first.action, second.action, third.action] == [Action.RETRY, Action.RETRY, Action.DEAD]
-    assert "gave up after 3 attempts" in third.error
-    assert third.error.startswith("connect timeout")
-
-
-def test_an_event_past_its_maximum_age_is_dead_instead_of_retried():
-    budget = RetryBudget(max_age=dt.timedelta(hours=1))
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=59, seconds=59), budget)
+def test_400_is_dead_at_once_on_the_first_attempt() -> None:
+    _, outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
     assert outcome.action is Action.DEAD
-    assert "older than 1h" in outcome.error
 
 
-def test_a_retry_is_scheduled_by_the_backoff():
+def test_dead_charges_once() -> None:
+    _, outcome = decide(Answer(422, "HTTP 422 nope"), 0, YOUNG, RetryBudget())
+    assert outcome.charged
+
+
+def test_dead_keeps_the_endpoints_words_and_code() -> None:
+    _, outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
+    assert (outcome.status_code, outcome.error) == (400, "HTTP 400 invalid_parameter: bad")
+
+
+@pytest.mark.parametrize("code", [401, 403, 404, 302])
+def test_halt_releases_the_row(code: int) -> None:
+    _, outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
+    assert outcome.action is Action.RELEASE
+
+
+@pytest.mark.parametrize("code", [401, 403, 404, 302])
+def test_halt_charges_nothing(code: int) -> None:
+    _, outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
+    assert not outcome.charged
+
+
+def test_throttle_releases_the_row_uncharged() -> None:
+    _, outcome = decide(Answer(429, "HTTP 429"), 5, YOUNG, RetryBudget())
+    assert (outcome.action, outcome.charged) == (Action.RELEASE, False)
+
+
+def test_halt_is_released_even_on_the_last_attempt_of_the_budget() -> None:
+    budget = RetryBudget(max_attempts=3)
+    _, outcome = decide(Answer(401, "no"), 2, YOUNG, budget)
+    assert outcome.action is Action.RELEASE
+
+
+def test_throttle_is_released_even_past_the_maximum_age() -> None:
+    budget = RetryBudget(max_age=dt.timedelta(hours=1))
+    _, outcome = decide(Answer(429, "slow"), 0, dt.timedelta(hours=2), budget)
+    assert outcome.action is Action.RELEASE
+
+
+@pytest.mark.parametrize("code", [None, 408, 500, 503])
+def test_retryable_failure_is_retried_and_charged(code: int | None) -> None:
+    _, outcome = decide(Answer(code, "boom"), 0, YOUNG, RetryBudget())
+    assert (outcome.action, outcome.charged) == (Action.RETRY, True)
+
+
+def test_retry_keeps_the_error() -> None:
+    _, outcome = decide(Answer(None, "connect timeout"), 0, YOUNG, RetryBudget())
+    assert outcome.error == "connect timeout"
+
+
+def test_retry_is_scheduled_by_the_backoff_of_the_next_attempt() -> None:
     budget = RetryBudget(backoff_base=10, backoff_max=1000)
     _, outcome = decide(Answer(502, "HTTP 502"), 3, YOUNG, budget)
+    assert 40 <= outcome.retry_in <= 80  # the 4th attempt: step 10 * 2**3, half jitter
+
+
+def test_retries_continue_until_the_last_attempt_of_the_budget() -> None:
+    budget = RetryBudget(max_attempts=3)
+    actions = [decide(Answer(503, "HTTP 503"), n, YOUNG, budget)[1].action for n in (0, 1)]
+    assert actions == [Action.RETRY, Action.RETRY]
+
+
+def test_the_last_attempt_of_the_budget_is_dead() -> None:
+    budget = RetryBudget(max_attempts=3)
+    _, outcome = decide(Answer(503, "HTTP 503"), 2, YOUNG, budget)
+    assert (outcome.action, outcome.charged) == (Action.DEAD, True)
+
+
+def test_giving_up_on_attempts_says_so() -> None:
+    budget = RetryBudget(max_attempts=3)
+    _, outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
+    assert outcome.error is not None
+    assert "gave up after 3 attempts" in outcome.error
+
+
+def test_giving_up_keeps_the_last_error() -> None:
+    budget = RetryBudget(max_attempts=3)
+    _, outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
+    assert outcome.error is not None and outcome.error.startswith("connect timeout")
+
+
+def test_a_budget_of_one_attempt_never_retries() -> None:
+    _, outcome = decide(Answer(500, "HTTP 500"), 0, YOUNG, RetryBudget(max_attempts=1))
+    assert outcome.action is Action.DEAD
+
+
+def test_event_older_than_max_age_is_dead() -> None:
+    budget = RetryBudget(max_age=dt.timedelta(hours=1))
+    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
+    assert outcome.action is Action.DEAD
+
+
+def test_event_whose_next_retry_would_pass_max_age_is_dead() -> None:
+    budget = RetryBudget(max_age=dt.timedelta(hours=1), backoff_base=10)
+    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=59, seconds=59), budget)
+    assert outcome.action is Action.DEAD
+
+
+def test_giving_up_on_age_says_so() -> None:
+    budget = RetryBudget(max_age=dt.timedelta(hours=1))
+    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
+    assert outcome.error is not None and "older than 1h" in outcome.error
+
+
+def test_event_well_inside_max_age_is_retried() -> None:
+    budget = RetryBudget(max_age=dt.timedelta(hours=1), backoff_base=10)
+    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=30), budget)
     assert outcome.action is Action.RETRY
-    assert 40 <= outcome.retry_in <= 80  # the 4th attempt: 10 * 2**3, half of it jitter
 
 
-def test_backoff_grows_exponentially_within_half_to_full_step():
-    budget = RetryBudget(backoff_base=2, backoff_max=10_000)
-    for attempt in range(1, 10):
-        step = 2 * 2 ** (attempt - 1)
-        waits = [budget.backoff(attempt) for _ in range(200)]
-        assert min(waits) >= step / 2
-        assert max(waits) <= step
+def test_duration_is_carried_into_the_outcome() -> None:
+    _, outcome = decide(Answer(500, "HTTP 500", duration_ms=123), 0, YOUNG, RetryBudget())
+    assert outcome.duration_ms == 123
 
 
-def test_backoff_is_jittered():
-    budget = RetryBudget(backoff_base=2, backoff_max=10_000)
-    waits = [budget.backoff(5) for _ in range(200)]
+# -- backoff ---------------------------------------------------------------------
+
+
+def _samples(budget: RetryBudget, attempt: int) -> list[float]:
+    return [budget.backoff(attempt) for _ in range(SAMPLES)]
+
+
+def test_backoff_grows_exponentially() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=100_000)
+    medians = [statistics.median(_samples(budget, n)) for n in range(1, 10)]
+    ratios = [later / earlier for earlier, later in itertools.pairwise(medians)]
+    assert all(1.6 < r < 2.5 for r in ratios), ratios
+
+
+def test_backoff_two_attempts_later_is_always_longer() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=100_000)
+    for n in range(1, 9):
+        assert min(_samples(budget, n + 2)) > max(_samples(budget, n))
+
+
+def test_backoff_is_jittered() -> None:
+    waits = _samples(RetryBudget(backoff_base=2, backoff_max=10_000), 5)
+    assert len({round(w, 6) for w in waits}) > SAMPLES // 2
     assert statistics.pstdev(waits) > 0.5
-    assert len({round(w, 3) for w in waits}) > 100
 
 
-def test_backoff_never_exceeds_its_cap():
+def test_backoff_is_at_least_half_the_exponential_step() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=100_000)
+    for attempt in range(1, 12):
+        step = 2 * 2 ** (attempt - 1)
+        assert min(_samples(budget, attempt)) >= step / 2
+
+
+def test_backoff_is_at_most_the_exponential_step() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=100_000)
+    for attempt in range(1, 12):
+        step = 2 * 2 ** (attempt - 1)
+        assert max(_samples(budget, attempt)) <= step
+
+
+def test_first_backoff_is_about_the_base() -> None:
+    waits = _samples(RetryBudget(backoff_base=4, backoff_max=100), 1)
+    assert min(waits) >= 2
+    assert max(waits) <= 4
+
+
+def test_backoff_never_exceeds_backoff_max() -> None:
     budget = RetryBudget(backoff_base=2, backoff_max=60)
-    assert max(budget.backoff(attempt) for attempt in range(1, 40) for _ in range(20)) <= 60
+    assert max(budget.backoff(n) for n in range(1, 60) for _ in range(20)) <= 60
 
 
-def test_a_429_pause_honours_retry_after_up_to_an_hour():
+def test_backoff_after_very_many_attempts_stays_within_max() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=60)
+    assert all(0 < budget.backoff(10_000) <= 60 for _ in range(20))
+
+
+def test_capped_backoff_is_still_at_least_half_the_max() -> None:
+    budget = RetryBudget(backoff_base=2, backoff_max=60)
+    assert min(_samples(budget, 30)) >= 30
+
+
+def test_capped_backoff_is_still_jittered() -> None:
+    waits = _samples(RetryBudget(backoff_base=2, backoff_max=60), 30)
+    assert len({round(w, 6) for w in waits}) > SAMPLES // 2
+
+
+# -- the pause after a 429 ------------------------------------------------------------
+
+
+def test_throttle_pause_honours_retry_after() -> None:
     budget = RetryBudget(backoff_base=1, backoff_max=5)
     assert throttle_pause(Answer(429, retry_after=30), budget, 1) == 30
-    assert throttle_pause(Answer(429, retry_after=10 * 3600), budget, 1) == MAX_THROTTLE_PAUSE
 
 
-def test_a_429_without_a_hint_backs_off_more_with_each_in_a_row():
+def test_throttle_pause_honours_a_retry_after_of_zero() -> None:
+    budget = RetryBudget(backoff_base=1, backoff_max=5)
+    assert throttle_pause(Answer(429, retry_after=0), budget, 3) == 0
+
+
+def test_throttle_pause_caps_a_huge_retry_after() -> None:
+    budget = RetryBudget(backoff_base=1, backoff_max=5)
+    assert throttle_pause(Answer(429, retry_after=10 * 86400), budget, 1) == MAX_THROTTLE_PAUSE
+
+
+def test_throttle_pause_caps_an_infinite_retry_after() -> None:
+    budget = RetryBudget(backoff_base=1, backoff_max=5)
+    assert throttle_pause(Answer(429, retry_after=float("inf")), budget, 1) == MAX_THROTTLE_PAUSE
+
+
+def test_throttle_pause_cap_is_at_most_an_hour() -> None:
+    assert 0 < MAX_THROTTLE_PAUSE <= 3600
+
+
+def test_throttle_pause_is_never_negative() -> None:
+    budget = RetryBudget(backoff_base=1, backoff_max=5)
+    assert throttle_pause(Answer(429, retry_after=-5), budget, 1) == 0
+
+
+def test_throttle_pause_without_a_hint_is_the_backoff() -> None:
     budget = RetryBudget(backoff_base=1, backoff_max=1000)
-    first = throttle_pause(Answer(429), budget, 1)
-    fifth = throttle_pause(Answer(429), budget, 5)
-    assert 0.5 <= first <= 1 and 8 <= fifth <= 16
+    assert all(8 <= throttle_pause(Answer(429), budget, 5) <= 16 for _ in range(50))
+
+
+def test_throttle_pause_without_a_hint_grows_with_the_streak() -> None:
+    budget = RetryBudget(backoff_base=1, backoff_max=1000)
+    first = max(throttle_pause(Answer(429), budget, 1) for _ in range(50))
+    fourth = min(throttle_pause(Answer(429), budget, 4) for _ in range(50))
+    assert fourth > first

@@ -19,6 +19,11 @@ MAX_BODY_BYTES = 64 * 1024
 _EMAIL = re.compile(r"[^\s@]+@[^\s@.][^\s@]*\.[^\s@]*[^\s@.]")
 
 
+# An escaped NUL in JSON text: \u0000 after an even number of backslashes (an
+# odd number means the backslash itself was escaped: the text "\\u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 class InvalidEvent(ValueError):
     """An event that the track-event endpoint would refuse, named by field and rule."""
 
@@ -167,7 +172,7 @@ def _encode_json(field: str, value: Any) -> str:
         ) from None
     except TypeError as exc:
         raise InvalidEvent(field, f"is not JSON-serialisable ({exc})") from None
-    if "\\u0000" in text:
+    if "\\u0000" in text and _JSON_NUL.search(text):
         # PostgreSQL's jsonb cannot store the NUL character.
         raise InvalidEvent(field, "must not contain a NUL character")
     return text
