@@ -62,6 +62,9 @@ def create_engine(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Text that is not UTF-8 (a plain-SQL insert of raw bytes) must reach
+    # validation as a bad value, not fail the whole claim with a decode error.
+    dbapi_connection.text_factory = _decode_leniently
     cursor = dbapi_connection.cursor()
     # WAL lets the application write while the daemon reads; the busy timeout
     # turns "database is locked" into a short wait.
@@ -70,6 +73,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _decode_leniently(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _alembic_config() -> AlembicConfig:

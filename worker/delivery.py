@@ -6,19 +6,26 @@ key, proxy and CA settings from the environment) is resolved once.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import http.client
 import json
+import math
+import socket
 import threading
 import time
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from worker.policy import Answer
 
 # What we keep of a response body in last_error and outbox_attempts.error.
 MAX_ERROR_CHARS = 1000
+# What we read of a response body at all: enough for any error message.
+MAX_BODY_READ = 64 * 1024
 USER_AGENT = "outbox-worker/0.1"
 
 
@@ -44,7 +51,10 @@ class Deliverer:
             endpoint_url, {}, None, None, None
         )
         self._session.trust_env = False
-        self._send_options.update(timeout=(connect_timeout, timeout), allow_redirects=False)
+        # stream: the body is read here, bounded in size (and in time, by _deadlines).
+        self._send_options.update(
+            timeout=(connect_timeout, timeout), allow_redirects=False, stream=True
+        )
         self._timeout = timeout
         request = requests.Request(
             "POST",
@@ -67,12 +77,120 @@ class Deliverer:
         started = time.monotonic()
         try:
             response = self._session.send(prepared, **self._send_options)
-        except requests.RequestException as exc:
-            return Answer(None, describe_network_error(exc, self._timeout), _ms_since(started))
-        return _answer(response, _ms_since(started))
+            content = _read_body(response)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            cut_off = _deadlines.disarm()
+        duration_ms = _ms_since(started)
+        if cut_off:  # even if some of it came: it may have been cut short anywhere
+            return Answer(None, _timed_out(self._timeout), duration_ms)
+        if failure is not None:
+            return Answer(None, describe_network_error(failure, self._timeout), duration_ms)
+        return _answer(response, content, duration_ms)
 
     def close(self) -> None:
         self._session.close()
+
+
+def _read_body(response: requests.Response) -> bytes:
+    """At most MAX_BODY_READ bytes of the body; the connection is kept only if that was all."""
+    try:
+        return response.raw.read(MAX_BODY_READ, decode_content=True)
+    finally:
+        response.close()  # a body read to its end has already gone back to the pool
+
+
+class _Deadlines:
+    """Cuts off an answer still arriving `timeout` seconds after its request went out.
+
+    requests' read timeout bounds each socket read, not the answer: an endpoint
+    sending one byte a second never trips it and holds a sender for ever. One
+    thread for the whole process watches the answers being read and shuts down
+    the socket of a late one; a request only notes its deadline (no thread, no
+    timer of its own).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, socket.socket]] = {}  # by thread: deadline, socket
+        self._cut_off: set[int] = set()  # threads whose answer was cut off
+        self._wake_at = math.inf
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        """The calling thread's answer on `sock` must be complete within `seconds`."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            self._armed[threading.get_ident()] = (deadline, sock)
+            if self._thread is None or not self._thread.is_alive():  # not started, or forked
+                self._thread = threading.Thread(
+                    target=self._watch, name="outbox-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif deadline < self._wake_at:
+                self._cond.notify()
+
+    def disarm(self) -> bool:
+        """The calling thread is done with its answer; say whether it was cut off."""
+        me = threading.get_ident()
+        with self._cond:
+            self._armed.pop(me, None)
+            if me not in self._cut_off:
+                return False
+            self._cut_off.discard(me)
+            return True
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for thread, (deadline, sock) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[thread]
+                        self._cut_off.add(thread)
+                        # The reading thread wakes up to an end of stream.
+                        with contextlib.suppress(OSError, TypeError):
+                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                self._wake_at = min((d for d, _ in self._armed.values()), default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
+_deadlines = _Deadlines()
+
+
+class _AnswerDeadline:
+    """A connection that puts the answer it is about to read under `_deadlines`."""
+
+    sock: socket.socket
+    timeout: Any
+
+    def getresponse(self) -> Any:
+        # urllib3 has just sent the request and set self.timeout to the read timeout.
+        if isinstance(self.timeout, (int, float)):
+            _deadlines.arm(self.sock, self.timeout)
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _HTTPConnection(_AnswerDeadline, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_AnswerDeadline, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 class _OneTargetAdapter(HTTPAdapter):
@@ -80,9 +198,20 @@ class _OneTargetAdapter(HTTPAdapter):
 
     requests recomputes it per request, with a filesystem check of the CA
     bundle path each time (when REQUESTS_CA_BUNDLE is set): 5% of the CPU.
+    Its connections bound the time an answer takes (see _Deadlines).
     """
 
     _pool_key: Any = None
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.ProxyManager):  # not SOCKS, whose pools are its own
+            manager.pool_classes_by_scheme = _POOLS
+        return manager
 
     def build_connection_pool_key_attributes(
         self, request: Any, verify: Any, cert: Any = None
@@ -96,7 +225,7 @@ def _ms_since(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _answer(response: requests.Response, duration_ms: int) -> Answer:
+def _answer(response: requests.Response, content: bytes, duration_ms: int) -> Answer:
     code = response.status_code
     retry_after = _seconds(response.headers.get("Retry-After"))
     reset = _seconds(response.headers.get("x-sib-ratelimit-reset"))
@@ -105,16 +234,19 @@ def _answer(response: requests.Response, duration_ms: int) -> Answer:
         return Answer(code, None, duration_ms, reset if exhausted else None, exhausted)
     return Answer(
         code,
-        describe_refusal(response),
+        describe_refusal(response, content),
         duration_ms,
         retry_after if retry_after is not None else reset,
         exhausted,
     )
 
 
-def describe_refusal(response: requests.Response) -> str:
+def describe_refusal(response: requests.Response, content: bytes) -> str:
     """The endpoint's own words: "<code>: <message>" from JSON, else the text, truncated."""
-    text = response.text.strip()
+    try:
+        text = content.decode(response.encoding or "utf-8", errors="replace").strip()
+    except LookupError:  # a charset Python does not know
+        text = content.decode("utf-8", errors="replace").strip()
     try:
         parsed = json.loads(text)
     except ValueError:
@@ -128,26 +260,48 @@ def describe_refusal(response: requests.Response) -> str:
     return f"{prefix} {detail}"
 
 
-def describe_network_error(exc: requests.RequestException, timeout: float) -> str:
-    """One line saying what went wrong on the wire."""
+def describe_network_error(exc: BaseException, timeout: float) -> str:
+    """One line saying what went wrong on the wire (requests' or, reading a body, urllib3's)."""
     if isinstance(exc, requests.ConnectTimeout):
         return "connect timeout"
-    if isinstance(exc, requests.ReadTimeout):
-        return f"no answer within {timeout:g}s (read timeout)"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+        return _timed_out(timeout)
+    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
         return f"TLS error: {_root_cause(exc)}"[:MAX_ERROR_CHARS]
-    if isinstance(exc, requests.ConnectionError):
+    innermost = _innermost(exc)
+    if isinstance(innermost, _NOT_HTTP) and not isinstance(innermost, _HUNG_UP):
+        said = str(innermost).strip()
+        return f"bad response (not HTTP): {type(innermost).__name__} {said!r}"[:MAX_ERROR_CHARS]
+    if isinstance(exc, (requests.ConnectionError, urllib3.exceptions.HTTPError, OSError)):
         return f"connection error: {_root_cause(exc)}"[:MAX_ERROR_CHARS]
     return f"{type(exc).__name__}: {_root_cause(exc)}"[:MAX_ERROR_CHARS]
 
 
-def _root_cause(exc: BaseException) -> str:
+# What http.client raises for a status line or header that is not HTTP; a hang-up
+# before any answer (RemoteDisconnected) is one of them in name only.
+_NOT_HTTP = (http.client.BadStatusLine, http.client.LineTooLong, http.client.UnknownProtocol)
+_HUNG_UP = http.client.RemoteDisconnected
+
+
+def _timed_out(timeout: float) -> str:
+    # The same words whether nothing came or the answer came too slowly to finish.
+    return f"no complete answer within {timeout:g}s (timeout)"
+
+
+def _innermost(exc: BaseException) -> BaseException:
     # urllib3 wraps the socket error several times; the innermost says it best.
     seen = exc
     while seen.__cause__ is not None or seen.__context__ is not None:
         seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return seen
+
+
+def _root_cause(exc: BaseException) -> str:
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return str(reason or seen or exc)
+    innermost = _innermost(exc)
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):
+        return f"cannot connect: {innermost if isinstance(innermost, OSError) else reason}"
+    return str(reason or innermost or exc)
 
 
 def _seconds(value: str | None) -> float | None:

@@ -100,12 +100,8 @@ def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -
         spec.get("eventdata"),
         max_body_bytes=max_body_bytes,
     )
-    key = spec.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise InvalidEvent("idempotency_key", "must be a non-empty string")
-    deliver_after = spec.get("deliver_after")
-    if deliver_after is not None and not isinstance(deliver_after, (dt.datetime, dt.timedelta)):
-        raise InvalidEvent("deliver_after", "must be a datetime or a timedelta")
+    key = _idempotency_key(spec.get("idempotency_key"))
+    deliver_after = _deliver_after(spec.get("deliver_after"))
     # The database's clock, not this host's, says when "now" and "in 5 minutes" are.
     return {
         "email": event.email,
@@ -118,6 +114,43 @@ def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -
         if isinstance(deliver_after, dt.timedelta)
         else 0.0,
     }
+
+
+MAX_KEY_LENGTH = 200
+
+
+def _idempotency_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise InvalidEvent("idempotency_key", "must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidEvent("idempotency_key", f"is longer than {MAX_KEY_LENGTH} characters")
+    if "\x00" in key:
+        raise InvalidEvent("idempotency_key", "must not contain a NUL character")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent("idempotency_key", "is not valid UTF-8 text") from None
+    return key
+
+
+def _deliver_after(value: Any) -> DeliverAfter:
+    if value is None:
+        return None
+    # The time it names must exist between the years 1 and 9999, where both
+    # databases and Python can hold it.
+    try:
+        if isinstance(value, dt.timedelta):
+            dt.datetime.now(dt.timezone.utc) + value
+            return value
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is not None:
+                value.astimezone(dt.timezone.utc)
+            return value
+    except OverflowError:
+        raise InvalidEvent("deliver_after", "is out of range (years 1 to 9999)") from None
+    raise InvalidEvent("deliver_after", "must be a datetime or a timedelta")
 
 
 def _insert_statement(insert: Any) -> Any:

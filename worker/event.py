@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_EMAIL_LENGTH = 254  # the longest address SMTP carries (RFC 5321)
 
 # No whitespace, exactly one "@", a non-empty local part, a domain with a dot
 # that neither starts nor ends it.
@@ -61,6 +63,8 @@ def validate(
         raise InvalidEvent("email", f"must be a string, not {type(email).__name__}")
     if not email:
         raise InvalidEvent("email", "must not be empty")
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise InvalidEvent("email", f"is longer than {MAX_EMAIL_LENGTH} characters")
     if not _EMAIL.fullmatch(email):
         raise InvalidEvent(
             "email",
@@ -76,19 +80,24 @@ def validate(
         if "\x00" in text:
             raise InvalidEvent(field, "must not contain a NUL character")
     parts = [f'{{"email":{_dumps(email)},"event":{_dumps(event)}']
+    extra = 0  # bytes the numbers gain once PostgreSQL has stored them
     if properties is not None:
         properties = _object("properties", properties)
         if "email" in properties or "event" in properties:
             key = "email" if "email" in properties else "event"
             raise InvalidEvent("properties", f"must not use the reserved key {key!r}")
-        parts.append(f',"properties":{_encode_json("properties", properties)}')
+        text, more = _encode_json("properties", properties)
+        parts.append(f',"properties":{text}')
+        extra += more
     if eventdata is not None:
         eventdata = _object("eventdata", eventdata)
         if "id" in eventdata and not isinstance(eventdata["id"], str):
             raise InvalidEvent("eventdata", "id must be a string")
         if "data" in eventdata and not isinstance(eventdata["data"], Mapping):
             raise InvalidEvent("eventdata", "data must be an object")
-        parts.append(f',"eventdata":{_encode_json("eventdata", eventdata)}')
+        text, more = _encode_json("eventdata", eventdata)
+        parts.append(f',"eventdata":{text}')
+        extra += more
     parts.append("}")
     try:
         encoded = "".join(parts).encode("utf-8")
@@ -96,10 +105,11 @@ def validate(
         raise _not_utf8(
             email=email, event=event, properties=properties, eventdata=eventdata
         ) from None
-    if len(encoded) > max_body_bytes:
-        raise InvalidEvent(
-            "body", f"size {len(encoded)} bytes is over the limit of {max_body_bytes}"
-        )
+    # Measured with numbers as PostgreSQL's jsonb writes them back, so that an
+    # event accepted here is never too big on the way out.
+    size = len(encoded) + extra
+    if size > max_body_bytes:
+        raise InvalidEvent("body", f"size {size} bytes is over the limit of {max_body_bytes}")
     return Event(email, event, properties, eventdata, encoded)
 
 
@@ -157,16 +167,20 @@ def _not_utf8(**fields: Any) -> InvalidEvent:
     return InvalidEvent("body", "is not valid UTF-8")
 
 
-def _encode_json(field: str, value: Any) -> str:
-    """The field as JSON text, or InvalidEvent saying why it cannot be sent."""
+def _encode_json(field: str, value: Any) -> tuple[str, int]:
+    """The field as JSON text and the bytes its numbers gain in jsonb, or
+    InvalidEvent saying why it cannot be sent."""
     try:
         text = _dumps(value)
     except RecursionError:
         raise InvalidEvent(field, "is nested too deeply") from None
     except ValueError as exc:
-        # allow_nan=False and circular references both land here.
+        # allow_nan=False, circular references and Python's cap on the digits
+        # of an int all land here.
         if "Circular" in str(exc):
             raise InvalidEvent(field, "contains a circular reference") from None
+        if "digits" in str(exc):
+            raise InvalidEvent(field, "contains an integer with too many digits") from None
         raise InvalidEvent(
             field, "contains a number that is not finite (NaN or infinity)"
         ) from None
@@ -175,7 +189,25 @@ def _encode_json(field: str, value: Any) -> str:
     if "\\u0000" in text and _JSON_NUL.search(text):
         # PostgreSQL's jsonb cannot store the NUL character.
         raise InvalidEvent(field, "must not contain a NUL character")
-    return text
+    return text, _walk(field, value)
+
+
+def _walk(field: str, value: Any) -> int:
+    """Check that every object key is a string (json would write 1 and "1" as one
+    key, losing a value) and return the bytes the floats gain when PostgreSQL's
+    jsonb writes them out in full (1e+300 comes back as 301 digits)."""
+    extra, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(type(key) is str for key in item):
+                raise InvalidEvent(field, "has an object key that is not a string")
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif type(item) is float and "e" in (text := repr(item)):
+            extra += len(format(Decimal(text), "f")) - len(text)
+    return extra
 
 
 # One encoder for the process: json.dumps with options builds a new one per call.
