@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import html
 import http.client
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -247,6 +249,8 @@ def describe_refusal(response: requests.Response, content: bytes) -> str:
         text = content.decode(response.encoding or "utf-8", errors="replace").strip()
     except LookupError:  # a charset Python does not know
         text = content.decode("utf-8", errors="replace").strip()
+    if "html" in response.headers.get("content-type", "").lower():
+        text = _page_text(text)  # a proxy's error page: its words, not its markup
     try:
         parsed = json.loads(text)
     except ValueError:
@@ -258,6 +262,15 @@ def describe_refusal(response: requests.Response, content: bytes) -> str:
         text = f"redirect to {response.headers['location']} (not followed)"
     detail = text[:MAX_ERROR_CHARS] if text else (response.reason or "no body")
     return f"{prefix} {detail}"
+
+
+def _page_text(page: str) -> str:
+    page = _SCRIPTS.sub(" ", page)
+    return " ".join(html.unescape(_TAGS.sub(" ", page)).split())
+
+
+_SCRIPTS = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_TAGS = re.compile(r"<[^>]*>")
 
 
 def describe_network_error(exc: BaseException, timeout: float) -> str:
