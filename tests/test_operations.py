@@ -5,6 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -203,3 +207,19 @@ def test_the_log_formatter_redacts_the_key_from_messages_and_tracebacks():
         text = formatter.format(record)
         assert KEY not in text
         assert "[redacted]" in text and "ValueError" in text
+
+
+def test_stats_watch_refreshes_until_interrupted(sqlite_url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "worker", "stats", "--watch", "--interval", "0.2",
+         "--database-url", sqlite_url],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.5)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    assert out.count("outbox stats at") >= 3  # one screen per refresh
+    assert out.count("daemons running") == out.count("outbox stats at")
+    assert "Traceback" not in err

@@ -165,15 +165,18 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     store = _store(args)
-    while True:
-        stats = store.stats()
-        if args.json:
-            print(json.dumps(stats.as_dict(), sort_keys=True))
-        else:
-            output.print_stats(stats, clear=args.watch)
-        if not args.watch:
-            return 0
-        time.sleep(args.interval)
+    try:
+        while True:
+            stats = store.stats()
+            if args.json:
+                print(json.dumps(stats.as_dict(), sort_keys=True), flush=True)
+            else:
+                output.print_stats(stats, clear=args.watch)
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:  # how one leaves --watch
+        return 0
 
 
 def cmd_dead_list(args: argparse.Namespace) -> int:
