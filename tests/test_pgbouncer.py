@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,12 +72,13 @@ def test_through_a_transaction_pooler_wakeups_are_off_and_polling_delivers(bounc
          "--endpoint-url", endpoint.url, "--poll-interval", "0.3"],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(daemon.stderr), daemon=True)
+    reader.start()
     try:
-        lines = []
-        for line in daemon.stderr:  # the listener checks itself within seconds of starting
-            lines.append(line)
-            if "wake-ups off" in line:
-                break
+        deadline = time.monotonic() + 20  # the listener checks itself within seconds
+        while not any("wake-ups off" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
         with Session(engine) as session, session.begin():
             track_events(session, [{"email": f"c{i}@example.com", "event": "x"} for i in range(50)])
         deadline = time.monotonic() + 20
@@ -84,8 +86,9 @@ def test_through_a_transaction_pooler_wakeups_are_off_and_polling_delivers(bounc
             time.sleep(0.1)
     finally:
         daemon.terminate()
-        rest = daemon.communicate(timeout=20)[1]
-    log = "".join(lines) + rest
+        daemon.wait(20)
+        reader.join(5)
+    log = "".join(lines)
     assert daemon.returncode == 0, log
     assert {r.status for r in rows(engine)} == {"delivered"}
     assert len(endpoint.requests) == 50

@@ -36,8 +36,12 @@ class Listener:
         self._stopping.set()
 
     def _hears_itself(self, conn: psycopg.Connection) -> bool:
-        """Notify our own channel once: behind a transaction pooler the LISTEN is lost."""
-        conn.execute("SELECT pg_notify(%s, 'listener check')", (CHANNEL,))
+        """Notify our channel from another connection, as an inserting client would:
+        behind a transaction pooler the LISTEN is lost and nothing arrives."""
+        with psycopg.connect(
+            self._conninfo, autocommit=True, connect_timeout=10, prepare_threshold=None
+        ) as other:
+            other.execute("SELECT pg_notify(%s, 'listener check')", (CHANNEL,))
         return any(True for _ in conn.notifies(timeout=2.0, stop_after=1))
 
     def _run(self) -> None:
