@@ -62,10 +62,9 @@ class FaultProxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._forwarding: set[socket.socket] = set()  # client sockets of `pass` connections
-        self._listener: socket.socket | None = None
         self._placeholder: socket.socket | None = None  # holds the port while refusing
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        self._listener: socket.socket | None = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]  # type: ignore[union-attr]
         if mode == "refuse":
             self._stop_listening()
         self._thread = threading.Thread(target=self._accept_loop, name="faultproxy", daemon=True)
