@@ -196,11 +196,25 @@ def backends(engine: sa.Engine, where: str) -> list[Any]:
     with engine.connect() as conn:
         return conn.execute(
             sa.text(
-                "SELECT pid, query FROM pg_stat_activity"
+                "SELECT pid, state, query FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 f" AND backend_type = 'client backend' AND ({where})"
             )
         ).all()
+
+
+def terminate_mid_statement(engine: sa.Engine, patience: float = 5.0) -> tuple[int, bool]:
+    """Wait (a while) until one of the daemon's connections is running a statement
+    or inside a transaction, then terminate them all. Return (how many, whether one
+    was busy): a busy one makes the daemon meet the error, not just a dead idle
+    connection that the pool's pre-ping replaces without a word."""
+    deadline = time.monotonic() + patience
+    while True:
+        found = backends(engine, "true")
+        busy = any(b.state != "idle" for b in found)
+        if busy or time.monotonic() > deadline:
+            return terminate(engine, [b.pid for b in found]), busy
+        time.sleep(0.002)
 
 
 def terminate(engine: sa.Engine, pids: list[int]) -> int:
@@ -212,8 +226,9 @@ def terminate(engine: sa.Engine, pids: list[int]) -> int:
     return sum(bool(d) for d in done)
 
 
-# The listener's connection: LISTEN, then a pg_notify to itself ("listener check").
-LISTENER = "query LIKE 'LISTEN %' OR query LIKE '%listener check%'"
+# The listener's connection, while its last statement is still the LISTEN (for a few
+# seconds after it connects: then it proves itself alive with a SELECT 1).
+LISTENER = "query = 'LISTEN outbox_events'"
 
 
 # -- 1. SIGKILL at random moments ------------------------------------------------------
@@ -449,14 +464,16 @@ def test_terminating_every_daemon_connection_mid_run_loses_nothing(pg_url, endpo
     endpoint.default = Reply(delay=0.01)
     markers = enqueue(engine, per_kill * (kills + 1))
     daemon = spawn(pg_url, endpoint.url, *OUTAGE_FLAGS)
-    terminated = 0
+    terminated = mid_statement = 0
     for k in range(1, kills + 1):
         wait_until(
             lambda k=k: len(endpoint.requests) >= k * per_kill,
             60,
             f"delivery to go on after termination {k - 1}",
         )
-        terminated += terminate(engine, [b.pid for b in backends(engine, "true")])
+        count, busy = terminate_mid_statement(engine)
+        terminated += count
+        mid_statement += busy
     wait_until(all_delivered(engine, len(markers)), 90, "every event to be delivered")
     assert daemon.proc.poll() is None, "the daemon exited instead of reconnecting"
     assert daemon.stop() == 0
@@ -467,12 +484,17 @@ def test_terminating_every_daemon_connection_mid_run_loses_nothing(pg_url, endpo
         "pg_terminate_backend (all daemon connections)",
         terminations=kills,
         backends_terminated=terminated,
+        mid_statement=mid_statement,
         events=len(markers),
         lost=len(set(markers) - set(counts)),
         duplicates=duplicates(counts),
         warning_lines=len(warnings),
     )
     assert terminated >= kills  # each round really killed something
+    assert mid_statement >= 1
+    # The daemon met the error (its loop or its maintenance), not only a dead idle
+    # connection replaced by the pool's pre-ping.
+    assert "database unavailable" in log or "maintenance skipped a round" in log, log
     assert set(counts) == set(markers)
     assert status_counts(engine) == {"delivered": len(markers)}
     assert "Traceback" not in log, log
