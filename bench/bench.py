@@ -195,10 +195,6 @@ def run_daemon(url: str, endpoint: str, flags: list[str], processes: int = 1) ->
     return RunResult(time.monotonic() - started, cpu, rss)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 # -- the questions -------------------------------------------------------------
 
 
@@ -222,9 +218,9 @@ def throughput(args: argparse.Namespace, bes: list[Backend], nginx: Nginx, ceili
                     assert count(url, "delivered") == n
                     rates.append(n / result.seconds)
                     cpus.append(result.cpu_seconds * 1000 / n)
-                rate = median(rates)
+                rate = statistics.median(rates)
                 print(
-                    f"| {be.name} | {n:,} | {label} | {rate:,.0f} | {median(cpus):.3f}"
+                    f"| {be.name} | {n:,} | {label} | {rate:,.0f} | {statistics.median(cpus):.3f}"
                     f" | {rate / ceiling:.1%} |",
                     flush=True,
                 )
@@ -273,7 +269,7 @@ def enqueue_cost(args: argparse.Namespace, bes: list[Backend]) -> None:
                         with Session(engine) as session, session.begin():
                             body(session)
                     timings[name].append((time.perf_counter() - started) / txs * 1e6)
-            b, t = median(timings["bare"]), median(timings["tracked"])
+            b, t = statistics.median(timings["bare"]), statistics.median(timings["tracked"])
             print(f"| {be.name} | {per_tx} | {b:,.0f} | {t:,.0f} | {t / b:.2f}x |", flush=True)
         engine.dispose()
 
@@ -347,7 +343,7 @@ def history(args: argparse.Namespace, pg_backend: Backend, nginx: Nginx) -> None
         full.append(n / run_daemon(url, nginx.url, DEFAULT_FLAGS).seconds)
     print("| measure | baseline | figure | ratio |")
     print("|---|---:|---:|---:|")
-    e, f = median(empty), median(full)
+    e, f = statistics.median(empty), statistics.median(full)
     print(
         f"| events/s, {n:,} events, empty table vs {n_hist:,} delivered rows | {e:,.0f} | {f:,.0f} | {f / e:.2f}x |"
     )
@@ -445,7 +441,7 @@ def ordering(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None
                 fill_shared_contacts(url, n)
                 flags = DEFAULT_FLAGS + ([] if ordered else ["--unordered"])
                 results[ordered].append(n / run_daemon(url, nginx.url, flags).seconds)
-        o, u = median(results[True]), median(results[False])
+        o, u = statistics.median(results[True]), statistics.median(results[False])
         print(f"| {be.name} | {o:,.0f} | {u:,.0f} | {o / u:.2f}x |", flush=True)
 
 

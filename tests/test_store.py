@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_events
@@ -588,18 +589,7 @@ def test_dead_letters_view_shows_dead_rows_with_their_reason(engine, store):
         columns = set(result.keys())
         view_rows = result.mappings().all()
 
-    assert columns >= {
-        "id",
-        "email",
-        "event",
-        "properties",
-        "eventdata",
-        "attempts",
-        "last_status_code",
-        "last_error",
-        "created_at",
-        "failed_at",
-    }
+    assert columns >= DEAD_LETTER_COLUMNS
     assert len(view_rows) == 1
     (v,) = view_rows
     assert (v["id"], v["email"], v["event"]) == (dead, "a@x.com", "cart_updated")

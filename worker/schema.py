@@ -7,24 +7,12 @@ migrated database against it, on SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import datetime as dt
-import enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
-
-
-class Status(str, enum.Enum):
-    PENDING = "pending"
-    IN_FLIGHT = "in_flight"
-    DELIVERED = "delivered"
-    DEAD = "dead"
-
-
-# Events still owed to the endpoint: these block newer events of their contact.
-OPEN_STATUSES = (Status.PENDING.value, Status.IN_FLIGHT.value)
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -107,7 +95,7 @@ outbox_events = sa.Table(
     sa.Column("event", sa.Text(), nullable=False),
     sa.Column("properties", _JSON, nullable=True),
     sa.Column("eventdata", _JSON, nullable=True),
-    sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
     sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("next_attempt_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     sa.Column("delivered_at", UTCDateTime(), nullable=True),
