@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,40 @@ from worker.policy import RetryBudget
 from worker.store import OutboxStore
 
 KEY = "test-ma-key-5f0c2a9e7d"  # the secret the tests look for in every output
-SHARED_EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
-SAMPLE_EVENTS = Path(__file__).resolve().parents[1] / "worker" / "demo_events.jsonl"
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "tests" / "samples"
+SAMPLE_EVENTS = REPO / "worker" / "demo_events.jsonl"
 _db_numbers = itertools.count()
+
+
+class OutsideRepository(OSError):
+    """A test opened a file beside the repository, which a user's clone does not have."""
+
+
+def _refuse_files_beside_the_repository(event: str, args: tuple[Any, ...]) -> None:
+    # Only paths in a visible folder next to the repository: Python itself, its
+    # packages and the temporary directory may live there too, and stay allowed.
+    if event != "open" or not isinstance(args[0], (str, os.PathLike)):
+        return
+    path = os.path.abspath(os.fspath(args[0]))
+    if (
+        path.startswith(_BESIDE)
+        and not path.startswith(_ALLOWED)
+        and not path[len(_BESIDE) :].startswith(".")
+    ):
+        raise OutsideRepository(
+            f"{path} is outside the repository: a clone has nothing beside it;"
+            " copy what the test needs under tests/"
+        )
+
+
+_BESIDE = os.path.join(str(REPO.parent), "")
+_ALLOWED = tuple(
+    os.path.join(os.path.abspath(root), "")
+    for root in (REPO, sys.prefix, sys.base_prefix, tempfile.gettempdir(), *sys.path)
+    if root
+)
+sys.addaudithook(_refuse_files_beside_the_repository)
 
 
 @pytest.fixture(scope="session")

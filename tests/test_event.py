@@ -1,6 +1,6 @@
 """What a valid event is and the exact body sent for it (INTERFACE sections 1 and 6).
 
-The shared sample files drive the table of rules; the cases that JSON cannot
+The sample files (tests/samples) drive the table of rules; the cases that JSON cannot
 spell (NaN, cycles, objects, lone surrogates, huge or deep payloads) are built
 here.
 """
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SHARED_EVENTS
+from tests.conftest import SAMPLES
 from worker.event import (
     MAX_BODY_BYTES,
     InvalidEvent,
@@ -29,7 +29,7 @@ EMAIL = "jane@example.com"
 
 
 def _lines(name: str) -> list[dict[str, Any]]:
-    text = (SHARED_EVENTS / name).read_text(encoding="utf-8")
+    text = (SAMPLES / name).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -64,7 +64,7 @@ def _refusal(**fields: Any) -> InvalidEvent:
     return caught.value
 
 
-# -- the shared sample files ------------------------------------------------------
+# -- the sample files ------------------------------------------------------
 
 
 def test_the_sample_files_are_not_empty() -> None:
