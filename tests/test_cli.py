@@ -765,7 +765,7 @@ def test_demo_exits_0_and_prints_the_table_and_the_sql_to_look(demo):
     assert sum("dead" in cells for cells in table) == 2
     assert "SELECT status, count(*) FROM outbox_events" in result.stdout
     assert "outbox_dead_letters" in result.stdout
-    assert "outbox-worker dead-letters list" in result.stdout
+    assert "-m worker dead-letters list --database-url sqlite:///outbox-demo.db" in result.stdout
 
 
 def test_demo_leaves_outbox_demo_db_with_10_delivered_and_2_dead(demo):
