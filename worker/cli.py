@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +40,10 @@ class UsageError(Exception):
     """Bad usage or configuration: exit 2 with this one line."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -46,9 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        _check_logging_flags(args)
         key = _ma_key(args) if hasattr(args, "ma_key_file") else os.environ.get("OUTBOX_MA_KEY")
         output.configure_logging(args.log_level, args.log_format, secrets=[key] if key else [])
         return args.handler(args) or 0
+    except BrokenPipeError:
+        # The reader went away (`stats | head -1`): nothing more to say, and nobody to say it to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent) as exc:
         print(f"outbox-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -57,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except sa.exc.OperationalError as exc:
         print(
-            f"outbox-worker: cannot use the database at {db.redact(args.database_url)}:"
+            f"outbox-worker: cannot use the database at"
+            f" {db.redact(getattr(args, 'database_url', ''))}:"
             f" {output.first_line(exc.orig)} (is it running and reachable?)",
             file=sys.stderr,
         )
@@ -78,6 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+
+
+def _check_logging_flags(args: argparse.Namespace) -> None:
+    """The defaults come from the environment, which argparse's choices never check."""
+    for flag, env, value, allowed in (
+        ("--log-level", "OUTBOX_LOG_LEVEL", args.log_level, LOG_LEVELS),
+        ("--log-format", "OUTBOX_LOG_FORMAT", args.log_format, LOG_FORMATS),
+    ):
+        if value not in allowed:
+            raise UsageError(
+                f"{flag} (env {env}) must be one of {', '.join(allowed)}, not {value!r}"
+            )
 
 
 # -- commands ------------------------------------------------------------------
@@ -132,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from worker.enqueue import insert_rows, prepare_row
+    from worker.enqueue import insert_rows_reporting_new, prepare_row
 
     if args.file is not None:
         if args.email or args.event:
@@ -153,14 +176,27 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     engine = db.create_engine(args.database_url)
     db.require_current_schema(engine)
     with Session(engine) as session, session.begin():
-        ids = insert_rows(session.connection(), rows)
+        ids, new = insert_rows_reporting_new(session.connection(), rows)
+    # Lines whose idempotency key was there already, or came earlier in the file.
+    first_seen: set[int] = set()
+    kept = [i for i in ids if i not in new or i in first_seen or first_seen.add(i)]
     if len(ids) == 1:
-        print(f"enqueued outbox id {ids[0]}")
-    else:
-        print(
-            f"enqueued {len(ids)} events (outbox ids {min(ids, default=0)}..{max(ids, default=0)})"
+        print(f"enqueued outbox id {ids[0]}" if new else f"already there: outbox id {ids[0]}")
+        return 0
+    line = f"enqueued {len(new)} event{'' if len(new) == 1 else 's'}"
+    if new:
+        line += f" (outbox ids {min(new)}..{max(new)})"
+    if kept:
+        line += (
+            f"; {len(kept)} already there by idempotency key (outbox ids {_ids(sorted(set(kept)))})"
         )
+    print(line)
     return 0
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:10]))
+    return shown + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -197,10 +233,8 @@ def cmd_dead_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:
-    if args.status_code is not None:
-        raise UsageError("purge takes --id or --all")
     _require_selection(args)
-    count = _store(args).purge(args.id or (), args.all)
+    count = _store(args).purge(args.id or (), args.status_code, args.all)
     print(f"purged {count} dead events")
     return 0
 
@@ -354,23 +388,26 @@ def _parser() -> argparse.ArgumentParser:
         prog="outbox-worker",
         description="Deliver the outbox_events table to the track-event endpoint.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--version", action="version", version=f"outbox-worker {metadata.version('outbox-worker')}"
+    )
+    logged = argparse.ArgumentParser(add_help=False)
+    logged.add_argument(
+        "--log-level",
+        default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO").upper(),
+        type=str.upper,
+        help=f"{', '.join(LOG_LEVELS)} (env OUTBOX_LOG_LEVEL; default INFO)",
+    )
+    logged.add_argument(
+        "--log-format",
+        default=os.environ.get("OUTBOX_LOG_FORMAT", "text"),
+        help="one line per record: text, or a JSON object (env OUTBOX_LOG_FORMAT; default text)",
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[logged])
     common.add_argument(
         "--database-url",
         default=os.environ.get("OUTBOX_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
-    )
-    common.add_argument(
-        "--log-level",
-        default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"),
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
-    common.add_argument(
-        "--log-format",
-        default=os.environ.get("OUTBOX_LOG_FORMAT", "text"),
-        choices=["text", "json"],
-        help="one line per record: text, or a JSON object (env OUTBOX_LOG_FORMAT)",
     )
     keyed = argparse.ArgumentParser(add_help=False)
     keyed.add_argument(
@@ -473,7 +510,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--include-dead", action="store_true", help="dead events too")
 
     sink = command(
-        "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(common, keyed)
+        "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
     )
     sink.add_argument("--host", default="127.0.0.1")
     sink.add_argument("--port", type=int, default=8080)
@@ -483,6 +520,6 @@ def _parser() -> argparse.ArgumentParser:
     # The demo never touches OUTBOX_DATABASE_URL: it makes its own file anew.
     demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=())
     demo.add_argument("--database-url", default="sqlite:///outbox-demo.db")
-    demo.add_argument("--log-level", default="INFO", type=str.upper)
-    demo.add_argument("--log-format", default="text", choices=["text", "json"])
+    demo.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
+    demo.add_argument("--log-format", default="text", help="text or json (default text)")
     return parser

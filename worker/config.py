@@ -13,6 +13,8 @@ from worker.policy import RetryBudget
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 DEFAULT_ENDPOINT_URL = "https://in-automate.brevo.com/api/v2/trackEvent"
+# Real keys are far longer; a shorter one is a typo, and redacting it would mangle log text.
+MIN_KEY_LENGTH = 8
 
 
 class SettingsError(ValueError):
@@ -44,6 +46,11 @@ class Settings:
         if not self.ma_key:
             raise SettingsError(
                 "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
+            )
+        if len(self.ma_key) < MIN_KEY_LENGTH:
+            raise SettingsError(
+                f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
+                " key: check OUTBOX_MA_KEY or --ma-key-file"
             )
         if any(c in self.ma_key for c in "\r\n"):
             raise SettingsError("the ma-key contains a line break: check OUTBOX_MA_KEY")

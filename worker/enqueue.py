@@ -173,7 +173,16 @@ _INSERT = {name: _insert_statement(dialect_insert(name)) for name in ("postgresq
 
 def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Insert prepared rows through the caller's connection; their ids in the order given."""
+    return insert_rows_reporting_new(connection, rows)[0]
+
+
+def insert_rows_reporting_new(
+    connection: sa.Connection, rows: list[dict[str, Any]]
+) -> tuple[list[int], set[int]]:
+    """Like insert_rows, and also the ids this call inserted (a repeated idempotency key
+    gives the id of the row that already had it)."""
     inserted = connection.execute(_INSERT[connection.dialect.name], rows).all()
+    new = {r.id for r in inserted}
     # Ids are assigned in VALUES order, so unkeyed rows map back by position.
     unkeyed = iter(sorted(r.id for r in inserted if r.idempotency_key is None))
     by_key = {r.idempotency_key: r.id for r in inserted if r.idempotency_key is not None}
@@ -185,6 +194,7 @@ def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[i
             )
         )
         by_key.update({key: id_ for key, id_ in existing})
-    return [
+    ids = [
         by_key[row["idempotency_key"]] if row["idempotency_key"] else next(unkeyed) for row in rows
     ]
+    return ids, new

@@ -114,6 +114,18 @@ def _handler_for(sink: Sink) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def do_GET(self) -> None:
+            # The API takes POSTs only: say so in its own JSON, not http.server's HTML 501.
+            data = json.dumps(
+                {"code": "method_not_allowed", "message": "use POST with a JSON body"}
+            ).encode()
+            self.send_response(405, HTTPStatus(405).phrase)
+            self.send_header("Allow", "POST")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request would drown the daemon's own log
 

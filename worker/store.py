@@ -423,9 +423,11 @@ class OutboxStore:
                 conn.execute(sa.text("SELECT pg_notify('outbox_events', '')"))
         return count
 
-    def purge(self, ids: Iterable[int] = (), everything: bool = False) -> int:
+    def purge(
+        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
+    ) -> int:
         """Delete dead rows (their attempt history goes with them)."""
-        where = _dead_selection(ids, None, everything)
+        where = _dead_selection(ids, status_code, everything)
         with self.engine.begin() as conn:
             return conn.execute(sa.delete(e).where(where)).rowcount
 

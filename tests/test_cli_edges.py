@@ -1,0 +1,115 @@
+"""Rough edges of the CLI a newcomer hits in the first hour, each through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import requests
+
+from tests.conftest import KEY, run_cli
+from tests.test_cli import FAST_RUN, clean_env, cli, start_sink
+
+
+def test_version_prints_the_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("outbox-worker 0.")
+
+
+def test_a_closed_pipe_ends_a_command_quietly(sqlite_url: str) -> None:
+    # `stats --watch | head -1`: the reader goes away while the command still writes.
+    ran = subprocess.run(
+        f"{sys.executable} -m worker stats --watch --interval 0.05 --database-url {sqlite_url}"
+        " | head -1; exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.count("\n") == 1
+    assert ran.stderr == ""
+    assert ran.returncode == 0
+
+
+def test_bogus_log_level_from_the_environment_exits_2_with_a_sentence(sqlite_url: str) -> None:
+    result = run_cli("stats", "--database-url", sqlite_url, env={"OUTBOX_LOG_LEVEL": "bogus"})
+    assert result.returncode == 2
+    assert "OUTBOX_LOG_LEVEL" in result.stderr and "unexpected" not in result.stderr
+
+
+def test_unknown_log_format_from_the_environment_exits_2(sqlite_url: str) -> None:
+    result = run_cli("stats", "--database-url", sqlite_url, env={"OUTBOX_LOG_FORMAT": "xml"})
+    assert result.returncode == 2
+    assert "OUTBOX_LOG_FORMAT" in result.stderr
+
+
+def test_purge_by_status_code_works_as_its_help_says(db_url: str) -> None:
+    help_text = cli(db_url, "dead-letters", "purge", "--help").stdout
+    assert "--status-code" in help_text
+    result = cli(db_url, "dead-letters", "purge", "--status-code", "400")
+    assert result.returncode == 0, result.stderr
+    assert "purged 0" in result.stdout
+
+
+def test_a_key_shorter_than_8_characters_is_refused_at_start(sqlite_url: str) -> None:
+    result = cli(sqlite_url, *FAST_RUN, env={"OUTBOX_MA_KEY": "wor"})
+    assert result.returncode == 2
+    assert "8 characters" in result.stderr
+    assert "wor" not in result.stderr.replace("worker", "")
+
+
+def test_redaction_replaces_the_key_only_where_it_stands_alone() -> None:
+    import logging
+
+    from worker.output import LogFormatter
+
+    formatter = LogFormatter(secrets=["worker-key-1234"])
+    record = logging.LogRecord(
+        "worker.daemon", logging.INFO, __file__, 1, "key=worker-key-1234 in worker.daemon", (), None
+    )
+    line = formatter.format(record)
+    assert "worker-key-1234" not in line
+    assert "worker.daemon: key=[redacted] in worker.daemon" in line
+
+
+def test_a_get_to_the_sink_answers_405_in_json() -> None:
+    proc, url = start_sink()
+    try:
+        response = requests.get(url, timeout=5)
+        assert response.status_code == 405
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["code"] == "method_not_allowed"
+        assert response.headers["allow"] == "POST"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_the_sink_has_no_database_url_flag() -> None:
+    result = run_cli("sink", "--help")
+    assert "--database-url" not in result.stdout
+
+
+def test_a_repeated_idempotency_key_is_reported_as_already_there(sqlite_url: str) -> None:
+    args = ("enqueue", "--email", "a@example.com", "--event", "x", "--idempotency-key", "k1")
+    first = cli(sqlite_url, *args)
+    second = cli(sqlite_url, *args)
+    assert first.stdout.strip() == "enqueued outbox id 1"
+    assert second.returncode == 0
+    assert "already" in second.stdout and "1" in second.stdout
+
+
+def test_two_lines_sharing_a_key_count_as_one_event(sqlite_url: str) -> None:
+    line = json.dumps({"email": "a@example.com", "event": "x", "idempotency_key": "k"}) + "\n"
+    result = cli(sqlite_url, "enqueue", "--file", "-", input=line * 2)
+    assert result.returncode == 0, result.stderr
+    assert "enqueued 1 event" in result.stdout and "1 already" in result.stdout
+
+
+def test_the_key_never_appears_in_any_of_these_outputs(sqlite_url: str) -> None:
+    result = cli(sqlite_url, *FAST_RUN, env={"OUTBOX_MA_KEY": KEY})
+    assert KEY not in result.stdout + result.stderr
