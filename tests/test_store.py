@@ -637,6 +637,8 @@ def test_the_claim_probes_one_contact_at_a_time_even_with_stale_statistics(pg_ur
         conn.rollback()
     assert "ix_outbox_events_open_contact" in plan
     assert re.search(
-        r"Index Cond: \(\(lower\(email\) = lower\(outbox_events\w*\.email\)\)", plan
+        # The contact key, however PostgreSQL prints its collation cast.
+        r"Index Cond: \(\(lower\(\(?email\b[^=]*= lower\(\(?outbox_events\w*\.email\b",
+        plan,
     ), plan
     engine.dispose()

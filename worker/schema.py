@@ -81,6 +81,32 @@ def _later_sqlite(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {arg}))"
 
 
+class contact_key(FunctionElement[str]):
+    """Which contact an email belongs to: the email with ASCII letters lowercased, nothing else.
+
+    One rule on both backends: SQLite's lower() folds only ASCII, and so does
+    PostgreSQL's under the "C" collation, whatever the database's own locale.
+    """
+
+    type = sa.Text()
+    inherit_cache = True
+
+    def __init__(self, email: Any) -> None:
+        super().__init__(email)
+
+
+@compiles(contact_key, "postgresql")
+def _contact_key_pg(element: contact_key, compiler: Any, **kw: Any) -> str:
+    (email,) = element.clauses
+    return f'lower({compiler.process(email, **kw)} COLLATE "C")'
+
+
+@compiles(contact_key, "sqlite")
+def _contact_key_sqlite(element: contact_key, compiler: Any, **kw: Any) -> str:
+    (email,) = element.clauses
+    return f"lower({compiler.process(email, **kw)})"
+
+
 _JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
@@ -111,6 +137,8 @@ outbox_events = sa.Table(
         name="ck_outbox_events_status",
     ),
     sa.UniqueConstraint("idempotency_key", name="uq_outbox_events_idempotency_key"),
+    # An id is never given twice, even after the newest rows are pruned or purged.
+    sqlite_autoincrement=True,
 )
 
 _open = "status IN ('pending', 'in_flight')"
@@ -131,7 +159,7 @@ sa.Index(
 # Per-contact order: "is an older event of this contact still open?" is one probe.
 sa.Index(
     "ix_outbox_events_open_contact",
-    sa.func.lower(outbox_events.c.email),
+    contact_key(outbox_events.c.email),
     outbox_events.c.id,
     postgresql_where=sa.text(_open),
     sqlite_where=sa.text(_open),
@@ -174,6 +202,7 @@ outbox_attempts = sa.Table(
     sa.Column("status_code", sa.Integer(), nullable=True),
     sa.Column("error", sa.Text(), nullable=True),
     sa.Column("duration_ms", sa.Integer(), nullable=True),
+    sqlite_autoincrement=True,
 )
 sa.Index("ix_outbox_attempts_event_id", outbox_attempts.c.event_id)
 

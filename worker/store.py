@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 
 from worker.policy import Action, Outcome
 from worker.schema import (
+    contact_key,
     dialect_insert,
     outbox_attempts,
     outbox_daemons,
@@ -105,7 +106,7 @@ def _claim_statement(contact_order: bool) -> sa.Update:
     older_open = sa.exists(
         sa.select(older.c.id)
         .where(
-            sa.func.lower(older.c.email) == sa.func.lower(e.c.email),
+            contact_key(older.c.email) == contact_key(e.c.email),
             older.c.id < e.c.id,
             older.c.status.in_([_PENDING, _IN_FLIGHT]),
         )

@@ -1,0 +1,170 @@
+"""Migrating: ids never given twice, rows kept across 0003, and `migrate` itself.
+
+Tests that take `engine` run on a migrated SQLite file and PostgreSQL
+database; `empty_url` gives one never migrated, to walk the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from tests.conftest import rows
+from worker import db
+
+
+def insert_events(conn: sa.Connection, *emails: str) -> list[int]:
+    return [
+        conn.execute(
+            sa.text("INSERT INTO outbox_events (email, event) VALUES (:e, 'e') RETURNING id"),
+            {"e": email},
+        ).scalar_one()
+        for email in emails
+    ]
+
+
+def insert_attempt(conn: sa.Connection, event_id: int) -> int:
+    return conn.execute(
+        sa.text(
+            "INSERT INTO outbox_attempts (event_id, attempt, status_code, error)"
+            " VALUES (:id, 1, 500, 'oops') RETURNING id"
+        ),
+        {"id": event_id},
+    ).scalar_one()
+
+
+@pytest.fixture
+def empty_engine(empty_url: str) -> Iterator[sa.Engine]:
+    engine = db.create_engine(empty_url)
+    yield engine
+    engine.dispose()
+
+
+def snapshot(engine: sa.Engine) -> dict[str, list[tuple]]:
+    """Every row an operator can read, in id order."""
+    return {
+        name: [tuple(r) for r in rows(engine, f"SELECT * FROM {name} ORDER BY id")]
+        for name in ("outbox_events", "outbox_attempts", "outbox_dead_letters")
+    }
+
+
+def index_names(engine: sa.Engine) -> set[str]:
+    # From the catalogue: SQLAlchemy cannot reflect SQLite's expression index.
+    if engine.dialect.name == "postgresql":
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename LIKE 'outbox%'"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'outbox%'"
+    return {name for (name,) in rows(engine, sql)}
+
+
+# -- ids are never given twice ---------------------------------------------------
+
+
+def test_an_event_id_is_not_given_again_after_the_newest_row_is_deleted(engine):
+    with engine.begin() as conn:
+        first, newest = insert_events(conn, "a@example.com", "b@example.com")
+        conn.execute(sa.text("DELETE FROM outbox_events WHERE id = :id"), {"id": newest})
+    with engine.begin() as conn:
+        (again,) = insert_events(conn, "c@example.com")
+    assert again > newest > first
+
+
+def test_an_attempt_id_is_not_given_again_after_the_newest_row_is_deleted(engine):
+    with engine.begin() as conn:
+        (event,) = insert_events(conn, "a@example.com")
+        newest = insert_attempt(conn, event)
+        conn.execute(sa.text("DELETE FROM outbox_attempts"))
+    with engine.begin() as conn:
+        again = insert_attempt(conn, event)
+    assert again > newest
+
+
+def test_an_event_id_is_not_given_again_after_every_row_is_purged(engine):
+    with engine.begin() as conn:
+        ids = insert_events(conn, "a@example.com", "b@example.com", "c@example.com")
+        conn.execute(sa.text("DELETE FROM outbox_events"))
+    with engine.begin() as conn:
+        (again,) = insert_events(conn, "d@example.com")
+    assert again > max(ids)
+
+
+# -- 0003 keeps what 0002 held -----------------------------------------------------
+
+
+def fill_at_0002(engine: sa.Engine) -> None:
+    """Rows of every kind: pending, dead with attempts, delivered; the newest then deleted."""
+    with engine.begin() as conn:
+        _pending, dead, delivered, newest = insert_events(
+            conn, "jane@example.com", "JANE@example.com", "bob@example.com", "zed@example.com"
+        )
+        insert_attempt(conn, dead)
+        insert_attempt(conn, dead)
+        conn.execute(
+            sa.text(
+                "UPDATE outbox_events SET status = 'dead', attempts = 2, last_status_code = 500,"
+                " last_error = 'oops', idempotency_key = 'k-dead' WHERE id = :id"
+            ),
+            {"id": dead},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE outbox_events SET status = 'delivered', delivered_at = CURRENT_TIMESTAMP"
+                " WHERE id = :id"
+            ),
+            {"id": delivered},
+        )
+        conn.execute(sa.text("DELETE FROM outbox_events WHERE id = :id"), {"id": newest})
+
+
+def test_migrating_0002_to_head_keeps_every_row_and_index(empty_engine):
+    db.migrate(empty_engine, "0002")
+    fill_at_0002(empty_engine)
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    db.migrate(empty_engine)
+    assert snapshot(empty_engine) == before
+    assert index_names(empty_engine) == indexes
+    assert len(before["outbox_attempts"]) == 2 and len(before["outbox_dead_letters"]) == 1
+
+
+def test_after_migrating_0002_new_ids_are_above_every_id_kept(empty_engine):
+    db.migrate(empty_engine, "0002")
+    fill_at_0002(empty_engine)
+    db.migrate(empty_engine)
+    highest = rows(empty_engine, "SELECT max(id) FROM outbox_events")[0][0]
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM outbox_events WHERE id = :id"), {"id": highest})
+        (new,) = insert_events(conn, "new@example.com")
+    assert new > highest
+
+
+def test_after_migrating_0002_attempts_still_go_with_their_event(empty_engine):
+    db.migrate(empty_engine, "0002")
+    fill_at_0002(empty_engine)
+    db.migrate(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM outbox_events WHERE status = 'dead'"))
+    assert rows(empty_engine, "SELECT * FROM outbox_attempts") == []
+
+
+def test_after_migrating_0002_an_attempt_of_no_event_is_refused(empty_engine):
+    db.migrate(empty_engine, "0002")
+    db.migrate(empty_engine)
+    with pytest.raises(sa.exc.IntegrityError), empty_engine.begin() as conn:
+        insert_attempt(conn, 12345)
+
+
+def test_downgrading_0003_keeps_every_row(empty_engine):
+    db.migrate(empty_engine, "0002")
+    fill_at_0002(empty_engine)
+    db.migrate(empty_engine)
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    config = db._alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    assert db.schema_revision(empty_engine)[0] == "0002"
+    assert snapshot(empty_engine) == before
+    assert index_names(empty_engine) == indexes
