@@ -510,3 +510,13 @@ def test_paused_for_is_zero_once_the_pause_is_over() -> None:
     gate.pause(0.05)
     time.sleep(0.1)
     assert gate.paused_for() == 0
+
+
+def test_a_400_echoing_the_key_and_holding_nul_bytes_is_stored_without_either(
+    endpoint: Endpoint, deliverer: Deliverer
+) -> None:
+    reply = json.dumps({"code": "invalid_parameter", "message": f"bad key {KEY}\u0000 here"})
+    answer = _answer_to(endpoint, deliverer, Reply(400, reply.encode()))
+    assert answer.error is not None
+    assert KEY not in answer.error and "\x00" not in answer.error
+    assert "bad key" in answer.error and "here" in answer.error

@@ -117,6 +117,7 @@ class Daemon:
             if self._listener:
                 self._listener.stop()
             self._shutdown()
+            maintenance.join(timeout=10.0)  # so no late heartbeat re-inserts the row forgotten next
             with contextlib.suppress(sa.exc.DBAPIError):
                 self.store.forget_daemon(self._identity)
 

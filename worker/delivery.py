@@ -7,6 +7,7 @@ key, proxy and CA settings from the environment) is resolved once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import html
 import http.client
@@ -58,6 +59,7 @@ class Deliverer:
             timeout=(connect_timeout, timeout), allow_redirects=False, stream=True
         )
         self._timeout = timeout
+        self._ma_key = ma_key
         request = requests.Request(
             "POST",
             endpoint_url,
@@ -91,7 +93,12 @@ class Deliverer:
             return Answer(None, _timed_out(self._timeout), duration_ms)
         if failure is not None:
             return Answer(None, describe_network_error(failure, self._timeout), duration_ms)
-        return _answer(response, content, duration_ms)
+        answer = _answer(response, content, duration_ms)
+        if answer.error is None:
+            return answer
+        # Stored as-is in last_error: PostgreSQL refuses NUL, and an endpoint may echo the key.
+        cleaned = answer.error.replace("\x00", "").replace(self._ma_key, "[redacted]")
+        return dataclasses.replace(answer, error=cleaned)
 
     def close(self) -> None:
         self._session.close()

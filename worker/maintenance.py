@@ -55,6 +55,10 @@ class Maintenance:
         self._stopping.set()
         self._nudged.set()
 
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def nudge(self) -> None:
         """Run a round now (e.g. to publish a halt at once) rather than at the next tick."""
         self._nudged.set()
@@ -101,3 +105,5 @@ class Maintenance:
             except sa.exc.DBAPIError as exc:
                 lines = str(exc.orig).strip().splitlines()
                 log.warning("maintenance skipped a round: %s", lines[0] if lines else exc)
+            except Exception:  # one bad round must not end rescue and heartbeats for good
+                log.exception("maintenance skipped a round after an unexpected error")
