@@ -520,3 +520,13 @@ def test_a_400_echoing_the_key_and_holding_nul_bytes_is_stored_without_either(
     assert answer.error is not None
     assert KEY not in answer.error and "\x00" not in answer.error
     assert "bad key" in answer.error and "here" in answer.error
+
+
+def test_without_a_key_the_error_text_is_left_as_the_endpoint_said_it(endpoint: Endpoint) -> None:
+    # An empty key is in every string: replacing it would scatter [redacted] everywhere.
+    keyless = Deliverer(endpoint.url, "", timeout=2.0)
+    try:
+        answer = _answer_to(endpoint, keyless, Reply(400, b'{"code":"x","message":"bad"}'))
+    finally:
+        keyless.close()
+    assert answer.error == "HTTP 400 x: bad"

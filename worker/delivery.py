@@ -97,7 +97,9 @@ class Deliverer:
         if answer.error is None:
             return answer
         # Stored as-is in last_error: PostgreSQL refuses NUL, and an endpoint may echo the key.
-        cleaned = answer.error.replace("\x00", "").replace(self._ma_key, "[redacted]")
+        cleaned = answer.error.replace("\x00", "")
+        if self._ma_key:
+            cleaned = cleaned.replace(self._ma_key, "[redacted]")
         return dataclasses.replace(answer, error=cleaned)
 
     def close(self) -> None:
