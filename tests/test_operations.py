@@ -216,9 +216,17 @@ def test_stats_watch_refreshes_until_interrupted(sqlite_url):
          "--database-url", sqlite_url],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    # Interrupt after the third screen has been read, however slowly the machine starts it.
+    assert watch.stdout is not None
+    screens, seen = 0, []
+    while screens < 3:
+        line = watch.stdout.readline()
+        assert line, "stats --watch ended before its third refresh"
+        seen.append(line)
+        screens += "daemons running" in line  # the last line of a screen
     watch.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=10)
+    rest, err = watch.communicate(timeout=10)
+    out = "".join(seen) + rest
     assert watch.returncode == 0, err
     assert out.count("outbox stats at") >= 3  # one screen per refresh
     assert out.count("daemons running") == out.count("outbox stats at")

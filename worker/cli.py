@@ -383,14 +383,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Version(argparse.Action):
+    """--version, looking the version up only when asked (it reads package metadata)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"outbox-worker {metadata.version('outbox-worker')}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-worker",
         description="Deliver the outbox_events table to the track-event endpoint.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"outbox-worker {metadata.version('outbox-worker')}"
-    )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     logged = argparse.ArgumentParser(add_help=False)
     logged.add_argument(
         "--log-level",
