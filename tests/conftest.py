@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +184,22 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start daemons (`python -m worker run`); whatever still runs at the end is killed."""
+    from tests.daemons import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(url: str, endpoint_url: str, *flags: str) -> DaemonProcess:
+        daemon = DaemonProcess(url, endpoint_url, tmp_path / f"daemon-{len(started)}.log", *flags)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)

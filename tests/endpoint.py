@@ -35,14 +35,20 @@ class Received:
         return json.loads(self.raw)
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 drops the SYNs of a burst of new connections
+    # (a daemon opening up to its concurrency), which then come a second late.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class Endpoint:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.default = Reply()
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         # A short poll interval: close() waits for the loop, once per test.
         threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -848,10 +848,11 @@ def test_rows_unanswered_by_the_shutdown_timeout_go_back_to_pending_at_once(
     sqlite_url, endpoint, signum
 ):
     endpoint.default = Reply(delay=6)
-    enqueue_contacts(sqlite_url, 3)
+    endpoint.script("signed_up", Reply(204))  # slow start: the first goes alone
+    enqueue_contacts(sqlite_url, 4)
     proc = start_daemon(sqlite_url, endpoint.url, "--shutdown-timeout", "1")
     try:
-        wait_for(lambda: len(endpoint.requests) >= 3)
+        wait_for(lambda: len(endpoint.requests) >= 4)
         proc.send_signal(signum)
         signalled = time.monotonic()
         _, stderr = proc.communicate(timeout=15)
@@ -860,7 +861,7 @@ def test_rows_unanswered_by_the_shutdown_timeout_go_back_to_pending_at_once(
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert time.monotonic() - signalled < 4  # well before the endpoint would answer
-    rows = events_table(sqlite_url)
+    rows = events_table(sqlite_url)[1:]
     assert {(r.status, r.attempts) for r in rows} == {("pending", 0)}
     assert all(r.next_attempt_at <= utcnow() for r in rows)
     assert query(sqlite_url, "SELECT count(*) FROM outbox_attempts")[0][0] == 0

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
-import json
 import os
 import random
 import re
@@ -28,23 +26,34 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import KEY, new_pg_database
+from tests.daemons import (
+    DaemonProcess,
+    all_delivered,
+    complete_bodies,
+    duplicates,
+    enqueue,
+    ids_with_status,
+    received,
+    status_counts,
+    truncated,
+    wait_until,
+    warning_lines,
+)
 from tests.endpoint import Endpoint, Reply
 from tests.pgserver import PostgresServer
-from worker import db, track_events
+from worker import db
 from worker.store import OutboxStore
 
 SOAK = os.environ.get("OUTBOX_SOAK") == "1"
 SEED = int(os.environ.get("OUTBOX_SOAK_SEED") or time.time_ns() % 1_000_000)
-_markers = itertools.count(1)
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -54,137 +63,6 @@ def report(scenario: str, **figures: Any) -> None:
     """One line of figures per scenario, to be copied into docs/reliability.md."""
     shown = " ".join(f"{k}={v}" for k, v in figures.items())
     print(f"\n[reliability] {scenario}: {shown} (soak={int(SOAK)}, seed={SEED})", flush=True)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def enqueue(engine: sa.Engine, count: int, contacts: int = 1_000_000) -> dict[str, int]:
-    """Commit `count` events in one transaction; return {marker: outbox id}."""
-    markers = [f"m:{next(_markers)}" for _ in range(count)]
-    specs = [
-        {
-            "email": f"c{int(m[2:]) % contacts}@example.com",
-            "event": "crash_test",
-            "eventdata": {"id": m},
-        }
-        for m in markers
-    ]
-    with engine.begin() as conn:
-        ids = track_events(conn, specs)
-    return dict(zip(markers, ids, strict=True))
-
-
-def complete_bodies(endpoint: Endpoint) -> list[Any]:
-    """The bodies that reached the endpoint whole. A daemon killed while writing a
-    request leaves a truncated one: that is no delivery (its row is sent again)."""
-    bodies = []
-    for request in list(endpoint.requests):
-        if len(request.raw) != int(request.headers.get("content-length") or -1):
-            continue
-        with contextlib.suppress(ValueError):
-            bodies.append(json.loads(request.raw))
-    return bodies
-
-
-def truncated(endpoint: Endpoint) -> int:
-    return len(endpoint.requests) - len(complete_bodies(endpoint))
-
-
-def received(endpoint: Endpoint) -> collections.Counter[str]:
-    """How many times each marker reached the endpoint (in a whole request)."""
-    return collections.Counter(body["eventdata"]["id"] for body in complete_bodies(endpoint))
-
-
-def duplicates(counts: collections.Counter[str]) -> int:
-    return sum(n - 1 for n in counts.values())
-
-
-def status_counts(engine: sa.Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        return dict(
-            conn.execute(
-                sa.text("SELECT status, count(*) FROM outbox_events GROUP BY status")
-            ).all()
-        )
-
-
-def ids_with_status(engine: sa.Engine, status: str) -> set[int]:
-    with engine.connect() as conn:
-        return set(
-            conn.execute(
-                sa.text("SELECT id FROM outbox_events WHERE status = :s"), {"s": status}
-            ).scalars()
-        )
-
-
-def all_delivered(engine: sa.Engine, total: int) -> Callable[[], bool]:
-    return lambda: status_counts(engine).get("delivered", 0) == total
-
-
-def warning_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
-
-
-class DaemonProcess:
-    """`python -m worker run` as a subprocess, its stderr in a file."""
-
-    def __init__(self, url: str, endpoint_url: str, log_path: Path, *flags: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint_url, OUTBOX_DATABASE_URL=url)
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", "run", *flags],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL; it must still have been running."""
-        assert self.proc.poll() is None, f"exited before the kill:\n{self.log()}"
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.proc.send_signal(signum)
-        return self.proc.wait(timeout)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start daemons; whatever is still running at the end of the test is killed."""
-    started: list[DaemonProcess] = []
-
-    def start(url: str, endpoint_url: str, *flags: str) -> DaemonProcess:
-        daemon = DaemonProcess(url, endpoint_url, tmp_path / f"daemon-{len(started)}.log", *flags)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -360,26 +238,31 @@ def test_expired_leases_are_taken_back_by_another_daemon_without_an_operator(
     lease = 3.0
     flags = ("--lease", str(lease), "--timeout", "1", "--poll-interval", "0.1")
     endpoint.default = Reply(delay=30)  # the first daemon's requests do not come back
+    endpoint.script("crash_test", Reply())  # but the first: slow start opens up after it
+    warm_up = enqueue(engine, 1)
     markers = enqueue(engine, 4)
     first = spawn(pg_url, endpoint.url, *flags)
-    wait_until(lambda: len(endpoint.requests) >= 4, 20, "the first daemon's requests")
+    wait_until(lambda: len(endpoint.requests) >= 5, 20, "the first daemon's requests")
     first.kill()
     with engine.connect() as conn:
         held = conn.execute(
-            sa.text("SELECT id, lease_token, lease_expires_at FROM outbox_events ORDER BY id")
+            sa.text(
+                "SELECT id, lease_token, lease_expires_at FROM outbox_events"
+                " WHERE status = 'in_flight' ORDER BY id"
+            )
         ).all()
     assert {r.id for r in held} == set(markers.values())
     assert all(r.lease_token.split(":")[1] == str(first.pid) for r in held)
     endpoint.default = Reply()
     second = spawn(pg_url, endpoint.url, *flags)
-    wait_until(all_delivered(engine, 4), 4 * lease + 10, "the second daemon to deliver")
+    wait_until(all_delivered(engine, 5), 4 * lease + 10, "the second daemon to deliver")
     assert second.stop() == 0
     with engine.connect() as conn:
         delivered = dict(conn.execute(sa.text("SELECT id, delivered_at FROM outbox_events")).all())
     expired = {r.id: r.lease_expires_at for r in held}
     early = {i: (delivered[i], expired[i]) for i in expired if delivered[i] < expired[i]}
     assert early == {}, "a row was taken back before its lease expired"
-    assert received(endpoint) == dict.fromkeys(markers, 2)  # sent by both daemons
+    assert received(endpoint) == {**dict.fromkeys(warm_up, 1), **dict.fromkeys(markers, 2)}
     assert "took back 4 rows whose claim expired" in second.log()
     report("lease takeover", events=4, lease_s=lease, lost=0, duplicates=4)
     engine.dispose()
@@ -686,18 +569,21 @@ def test_signal_with_slow_requests_in_flight_exits_0_and_leaves_nothing_in_fligh
     engine = engine_for(pg_url)
     endpoint.default = Reply(delay=2.0)
     flags = ("--poll-interval", "0.1", "--concurrency", "4", "--shutdown-timeout", "1")
-    answered = enqueue(engine, 2)  # sent first: answered within the shutdown timeout
+    endpoint.script("crash_test", Reply())  # slow start opens up after the first answer
+    enqueue(engine, 1)
     daemon = spawn(pg_url, endpoint.url, *flags)
-    wait_until(lambda: len(endpoint.requests) >= 2, 20, "the first two requests")
+    wait_until(lambda: status_counts(engine) == {"delivered": 1}, 20, "the first answer")
+    answered = enqueue(engine, 2)  # sent next: answered within the shutdown timeout
+    wait_until(lambda: len(endpoint.requests) >= 3, 20, "the next two requests")
     first_sent = max(r.at for r in endpoint.requests)
     time.sleep(max(0.0, first_sent + 1.4 - time.monotonic()))
     later = enqueue(engine, 6)  # two go on the wire, four wait for a sender
-    wait_until(lambda: len(endpoint.requests) >= 4, 5, "two more requests")
+    wait_until(lambda: len(endpoint.requests) >= 5, 5, "two more requests")
     daemon.proc.send_signal(signum)
     signalled = time.monotonic()
     # The setup's timing: the first two answer before the 1 s shutdown timeout ends,
     # the next two after it.
-    second_sent = min(r.at for r in endpoint.requests[2:])
+    second_sent = min(r.at for r in endpoint.requests[3:])
     assert first_sent + 2.0 < signalled + 1.0 - 0.2
     assert second_sent + 2.0 > signalled + 1.0 + 0.2, "the machine was too slow for this test"
     code = daemon.wait(15)

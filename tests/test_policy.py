@@ -13,14 +13,15 @@ import statistics
 import pytest
 
 from worker.policy import (
-    MAX_THROTTLE_PAUSE,
+    MAX_PAUSE,
+    MIN_PAUSE,
     Action,
     Answer,
     RetryBudget,
     Verdict,
     classify,
     decide,
-    throttle_pause,
+    pause_for,
 )
 
 YOUNG = dt.timedelta(seconds=1)
@@ -267,45 +268,57 @@ def test_capped_backoff_is_still_jittered() -> None:
     assert len({round(w, 6) for w in waits}) > SAMPLES // 2
 
 
-# -- the pause after a 429 ------------------------------------------------------------
+# -- the pause after a 429 or a used-up rate limit -------------------------------------
+
+BUDGET = RetryBudget(backoff_base=1, backoff_max=5)
 
 
-def test_throttle_pause_honours_retry_after() -> None:
-    budget = RetryBudget(backoff_base=1, backoff_max=5)
-    assert throttle_pause(Answer(429, retry_after=30), budget, 1) == 30
+def test_a_429_pauses_for_its_retry_after() -> None:
+    assert pause_for(Answer(429, retry_after=30), BUDGET, 1) == 30
 
 
-def test_throttle_pause_honours_a_retry_after_of_zero() -> None:
-    budget = RetryBudget(backoff_base=1, backoff_max=5)
-    assert throttle_pause(Answer(429, retry_after=0), budget, 3) == 0
+@pytest.mark.parametrize("asked", [0, -5, float("nan")], ids=["zero", "negative", "nan"])
+def test_a_429_asking_for_no_wait_pauses_for_the_floor(asked: float) -> None:
+    # A Retry-After of 0 or in the past: one request a second, not a hot loop.
+    assert pause_for(Answer(429, retry_after=asked), BUDGET, 3) == MIN_PAUSE
 
 
-def test_throttle_pause_caps_a_huge_retry_after() -> None:
-    budget = RetryBudget(backoff_base=1, backoff_max=5)
-    assert throttle_pause(Answer(429, retry_after=10 * 86400), budget, 1) == MAX_THROTTLE_PAUSE
+@pytest.mark.parametrize("asked", [10 * 86400, float("inf")], ids=["ten-days", "inf"])
+def test_a_huge_retry_after_is_capped(asked: float) -> None:
+    assert pause_for(Answer(429, retry_after=asked), BUDGET, 1) == MAX_PAUSE
 
 
-def test_throttle_pause_caps_an_infinite_retry_after() -> None:
-    budget = RetryBudget(backoff_base=1, backoff_max=5)
-    assert throttle_pause(Answer(429, retry_after=float("inf")), budget, 1) == MAX_THROTTLE_PAUSE
+def test_the_pause_bounds_are_a_second_and_an_hour() -> None:
+    assert (MIN_PAUSE, MAX_PAUSE) == (1.0, 3600.0)
 
 
-def test_throttle_pause_cap_is_at_most_an_hour() -> None:
-    assert 0 < MAX_THROTTLE_PAUSE <= 3600
-
-
-def test_throttle_pause_is_never_negative() -> None:
-    budget = RetryBudget(backoff_base=1, backoff_max=5)
-    assert throttle_pause(Answer(429, retry_after=-5), budget, 1) == 0
-
-
-def test_throttle_pause_without_a_hint_is_the_backoff() -> None:
+def test_a_429_without_a_hint_pauses_for_the_backoff() -> None:
     budget = RetryBudget(backoff_base=1, backoff_max=1000)
-    assert all(8 <= throttle_pause(Answer(429), budget, 5) <= 16 for _ in range(50))
+    assert all(8 <= pause_for(Answer(429), budget, 5) <= 16 for _ in range(50))
 
 
-def test_throttle_pause_without_a_hint_grows_with_the_streak() -> None:
+def test_a_429_without_a_hint_pauses_longer_as_the_streak_grows() -> None:
     budget = RetryBudget(backoff_base=1, backoff_max=1000)
-    first = max(throttle_pause(Answer(429), budget, 1) for _ in range(50))
-    fourth = min(throttle_pause(Answer(429), budget, 4) for _ in range(50))
+    first = max(pause_for(Answer(429), budget, 1) or 0 for _ in range(50))
+    fourth = min(pause_for(Answer(429), budget, 4) or 0 for _ in range(50))
     assert fourth > first
+
+
+@pytest.mark.parametrize("code", [204, 400, 500])
+def test_any_answer_saying_the_limit_is_used_up_pauses_until_its_reset(code: int) -> None:
+    answer = Answer(code, retry_after=12, rate_limit_exhausted=True)
+    assert pause_for(answer, BUDGET, 1) == 12
+
+
+def test_a_reset_of_31_years_on_a_2xx_is_capped() -> None:
+    answer = Answer(204, retry_after=999_999_999, rate_limit_exhausted=True)
+    assert pause_for(answer, BUDGET, 1) == MAX_PAUSE
+
+
+def test_a_used_up_limit_without_a_reset_pauses_for_the_floor() -> None:
+    assert pause_for(Answer(204, rate_limit_exhausted=True), BUDGET, 1) == MIN_PAUSE
+
+
+def test_an_answer_with_limit_left_asks_for_no_pause() -> None:
+    assert pause_for(Answer(204), BUDGET, 1) is None
+    assert pause_for(Answer(400, retry_after=5), BUDGET, 1) is None

@@ -25,6 +25,7 @@ from worker import db, output
 from worker.config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
+    DRAINED_DATABASE_WAIT,
     Settings,
     SettingsError,
     parse_duration,
@@ -296,6 +297,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
         exit_when_drained=args.exit_when_drained,
+        database_wait=args.database_wait,
         contact_order=not args.unordered,
         retain_delivered=_retention(args.retain_delivered),
         allow_insecure_endpoint=args.allow_insecure_endpoint,
@@ -441,6 +443,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the track-event endpoint (env OUTBOX_ENDPOINT_URL; default %(default)s)",
     )
     run.add_argument("--exit-when-drained", action="store_true", help="exit 0 once nothing is due")
+    run.add_argument(
+        "--database-wait",
+        type=float,
+        default=os.environ.get("OUTBOX_DATABASE_WAIT"),
+        help="seconds to wait for a database that does not answer, then exit 1 (env"
+        f" OUTBOX_DATABASE_WAIT; default: for ever, {DRAINED_DATABASE_WAIT:g} with"
+        " --exit-when-drained)",
+    )
     run.add_argument(
         "--unordered",
         action="store_true",

@@ -15,6 +15,12 @@ DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 DEFAULT_ENDPOINT_URL = "https://in-automate.brevo.com/api/v2/trackEvent"
 # Real keys are far longer; a shorter one is a typo, and redacting it would mangle log text.
 MIN_KEY_LENGTH = 8
+# A script or cron job running `run --exit-when-drained` gives up on a database
+# that stays away this long (seconds) rather than hang; the daemon waits for ever.
+DRAINED_DATABASE_WAIT = 60.0
+# The shortest claim lease (seconds): renewed every third of it, it must outlast
+# a slow statement or two.
+MIN_LEASE = 1.0
 
 
 class SettingsError(ValueError):
@@ -37,9 +43,18 @@ class Settings:
     halt_probe_interval: float = 30.0  # seconds between probes while delivery is halted
     max_body_bytes: int = MAX_BODY_BYTES
     exit_when_drained: bool = False
+    # Seconds to wait for a database that does not answer before exiting 1;
+    # None: for ever, or DRAINED_DATABASE_WAIT with exit_when_drained.
+    database_wait: float | None = None
     contact_order: bool = True  # False: faster, for streams whose order does not matter
     retain_delivered: dt.timedelta | None = dt.timedelta(days=7)  # None: keep them all
     allow_insecure_endpoint: bool = False
+
+    def database_patience(self) -> float | None:
+        """How long the daemon waits out a database that does not answer (None: for ever)."""
+        if self.database_wait is not None:
+            return self.database_wait
+        return DRAINED_DATABASE_WAIT if self.exit_when_drained else None
 
     def check(self) -> Settings:
         """Refuse settings that cannot work, with the reason."""
@@ -63,11 +78,13 @@ class Settings:
                 raise SettingsError(f"--{name.replace('_', '-')} must be more than 0 seconds")
         if self.rate_limit < 0:
             raise SettingsError("--rate-limit must be 0 (no limit) or more")
-        if self.lease < 2 * self.timeout:
+        if self.lease < MIN_LEASE:
             raise SettingsError(
-                f"--lease ({self.lease:g}s) must be at least twice the request timeout"
-                f" ({self.timeout:g}s), or claims would expire while requests are still waiting"
+                f"--lease ({self.lease:g}s) must be at least {MIN_LEASE:g}s: a live daemon"
+                " renews its claims three times a lease"
             )
+        if self.database_wait is not None and self.database_wait <= 0:
+            raise SettingsError("--database-wait must be more than 0 seconds")
         if self.budget.max_attempts < 1:
             raise SettingsError("--max-attempts must be at least 1")
         if self.budget.backoff_base <= 0 or self.budget.backoff_max < self.budget.backoff_base:

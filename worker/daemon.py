@@ -1,35 +1,45 @@
-"""The delivery loop: wake, claim, deliver concurrently, record, shut down cleanly.
+"""The delivery loop: wake, claim what can go out soon, record, shut down cleanly.
 
-One main thread owns the database; `concurrency` sender threads only do HTTP.
-No database transaction is ever open while a request is on the wire.
+One main thread owns the database; the sender pool's threads only do HTTP.
+No database transaction is ever open while a request is on the wire. The
+daemon wires three components and runs the loop:
+
+- the sender pool (worker.senders): threads, the job queue, the send gate;
+- the breaker (worker.breaker): halts and probes, slow start, pauses;
+- the completer (worker.completer): the rows held, keyed by claim, their
+  lease renewal, and the outcome buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import itertools
 import logging
+import math
 import os
-import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import sqlalchemy as sa
 import tenacity
 
+from worker.breaker import Breaker
+from worker.completer import Completer
 from worker.config import Settings
-from worker.db import require_current_schema
+from worker.db import is_transient, require_current_schema
 from worker.delivery import Deliverer, SendGate
 from worker.event import InvalidEvent, from_stored
 from worker.maintenance import Maintenance
-from worker.policy import Action, Answer, Outcome, Verdict, decide, throttle_pause
-from worker.store import ClaimedEvent, OutboxStore, Record
-from worker.telemetry import Telemetry, status_label
+from worker.output import first_line
+from worker.policy import Action, Answer, Outcome, Verdict, decide, pause_for
+from worker.senders import Job, SenderPool
+from worker.store import ClaimedEvent, OutboxStore
+from worker.telemetry import Telemetry
 from worker.wakeup import Listener
 
 log = logging.getLogger("worker.daemon")
@@ -37,19 +47,11 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_HALTED = 1
+EXIT_NO_DATABASE = 1
 
 
-@dataclass(frozen=True)
-class _Job:
-    event: ClaimedEvent
-    body: bytes
-    probe: bool = False  # sent even while halted, to find out whether the endpoint is back
-
-
-@dataclass(frozen=True)
-class _Done:
-    job: _Job
-    answer: Answer | None  # None: not sent (halted before its turn)
+class DatabaseGaveUp(Exception):
+    """The database stayed away longer than --database-wait."""
 
 
 class Daemon:
@@ -60,26 +62,45 @@ class Daemon:
         deliverer: Deliverer,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self.settings = settings
+        self.settings = s = settings
         self.store = store
         self.deliverer = deliverer
         self.telemetry = telemetry or Telemetry()
-        self.gate = SendGate(settings.rate_limit)
+        self.gate = SendGate(s.rate_limit)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
-        self._outstanding: dict[int, ClaimedEvent] = {}
-        self._records: list[Record] = []
-        self._halted: str | None = None  # why, while delivery is halted
-        self._next_probe = 0.0
-        self._throttle_streak = 0
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Listener | None = None
         self._maintenance: Maintenance | None = None
+        self.breaker = Breaker(
+            s.concurrency,
+            self.gate,
+            s.budget,
+            probe_interval=s.halt_probe_interval,
+            telemetry=self.telemetry,
+            on_change=self._publish,
+        )
+        self.completer = Completer(store, self.telemetry, lease=s.lease)
+        self.senders = SenderPool(
+            s.concurrency,
+            deliverer,
+            self.gate,
+            may_send=self.breaker.may_send,
+            hold_others=self._hold_others,
+            wake=self._wake,
+        )
+        # Beyond a request per sender, the rows that may wait for their turn: about
+        # a second's worth under a rate limit, else one batch. Held rows' leases are
+        # renewed, so waiting longer costs nothing but holding them from others.
+        self._lookahead = (
+            min(s.batch_size, max(1, math.ceil(s.rate_limit))) if s.rate_limit else s.batch_size
+        )
         self._patience = self._patience_policy()
-        self.delivered = 0
+
+    @property
+    def delivered(self) -> int:
+        return self.completer.delivered
 
     # -- control -------------------------------------------------------------
 
@@ -90,6 +111,18 @@ class Daemon:
 
     def run(self) -> int:
         """Deliver until stopped (or drained, with exit_when_drained); return the exit code."""
+        try:
+            return self._run()
+        except DatabaseGaveUp as exc:
+            log.error("%s", exc)
+            return EXIT_NO_DATABASE
+        except sa.exc.DBAPIError as exc:
+            if not (is_transient(exc) and self._stopping.is_set()):
+                raise
+            log.info("stopped while the database was unreachable (%s)", first_line(exc.orig))
+            return EXIT_OK
+
+    def _run(self) -> int:
         s = self.settings
         self._db(lambda: require_current_schema(self.store.engine))
         maintenance = Maintenance(
@@ -98,15 +131,14 @@ class Daemon:
             lease=s.lease,
             retain_delivered=s.retain_delivered,
             on_rescue=self._wake.set,
-            status=lambda: (self._halted, self.delivered),
+            status=lambda: (self.breaker.halted, self.delivered, self.breaker.paused_until()),
             name=self._identity,
         )
         # Rows of a daemon that died before we started are due before our first claim.
         self._db(maintenance.rescue_expired_leases)
         maintenance.start()
         self._maintenance = maintenance
-        for n in range(s.concurrency):
-            threading.Thread(target=self._send_loop, name=f"outbox-sender-{n}", daemon=True).start()
+        self.senders.start()
         if self.store.dialect == "postgresql":
             self._listener = Listener(self.store.engine.url, self._wake)
             self._listener.start()
@@ -118,164 +150,122 @@ class Daemon:
                 self._listener.stop()
             self._shutdown()
             maintenance.join(timeout=10.0)  # so no late heartbeat re-inserts the row forgotten next
+            if self._listener:
+                self._listener.join(timeout=5.0)
             with contextlib.suppress(sa.exc.DBAPIError):
                 self.store.forget_daemon(self._identity)
 
     # -- the loop --------------------------------------------------------------
 
     def _loop(self) -> int:
-        s = self.settings
+        s, held = self.settings, self.completer.held
         while not self._stopping.is_set():
             self._wake.clear()
             self.telemetry.loop_turned()
             self._collect()
-            self._write_records()
+            self._db(self.completer.flush)
+            self._db(self.completer.renew_if_due)
             if self._stopping.is_set():
                 break
             claimed = self._claim()
-            self.telemetry.in_flight.set(len(self._outstanding))
-            if self._halted and s.exit_when_drained and not self._outstanding:
-                log.error("delivery halted: %s; exiting (--exit-when-drained)", self._halted)
+            self.telemetry.in_flight.set(held())
+            if self.breaker.halted and s.exit_when_drained and not held():
+                log.error("delivery halted: %s; exiting (--exit-when-drained)", self.breaker.halted)
                 return EXIT_HALTED
-            if s.exit_when_drained and claimed == 0 and not self._outstanding:
+            if s.exit_when_drained and claimed == 0 and not held():
                 log.info("drained: nothing is due; %d delivered by this run", self.delivered)
                 return EXIT_OK
             if not claimed:  # nothing due, or not asking (full, paused, halted): wait
                 self._wake.wait(self._idle_wait())
         return EXIT_OK
 
-    def _capacity(self) -> int:
-        s = self.settings
-        return s.concurrency + s.batch_size - len(self._outstanding)
-
-    def _claim_threshold(self) -> int:
-        # Claim in sizeable batches when busy, but keep the senders fed.
-        return max(1, min(self.settings.batch_size, self.settings.concurrency) // 2)
-
     def _claim(self) -> int | None:
-        """Claim what fits and return how many; None when it did not ask (full,
-        paused by a 429, or halted until the next probe)."""
-        s = self.settings
-        probe = False
-        if self._halted:
-            if time.monotonic() < self._next_probe or self._outstanding:
-                return None
-            probe, limit = True, 1
-        elif self.gate.paused_for() > 0:
+        """Claim what can go on the wire soon and return how many; None when it did not
+        ask (enough held, paused, halted until the next probe, slow start)."""
+        s, held = self.settings, self.completer.held()
+        window = self.breaker.window()
+        if window == 0 or self.breaker.paused_for() > 0:
             return None
+        probe = self.breaker.probing()
+        if probe or window < s.concurrency:  # one request alone: a probe, or slow start
+            if held:
+                return None
+            limit = 1
         else:
-            limit = min(s.batch_size, self._capacity())
-            if limit < self._claim_threshold():
+            limit = min(s.batch_size, window + self._lookahead - held)
+            # Claim in sizeable batches when busy, but keep the senders fed.
+            if held and limit < max(1, min(s.batch_size, s.concurrency) // 2):
                 return None
         token = f"{self._identity}:{next(self._claims)}"
         with self.telemetry.claim_seconds.time():
             claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
+        self.completer.hold(claimed)
         if probe and claimed:
-            self._next_probe = time.monotonic() + s.halt_probe_interval
+            self.breaker.probe_sent()
             log.info("delivery halted; probing the endpoint with outbox id %d", claimed[0].id)
         for event in claimed:
-            self._outstanding[event.id] = event
+            body = self._body(event)
+            if body is not None:
+                self.senders.submit(Job(event, body, probe))
+        return len(claimed)
+
+    def _body(self, event: ClaimedEvent) -> bytes | None:
+        """The request body, or None for a row that can never be sent (dead-lettered)."""
+        if event.unreadable:
+            reason = f"unreadable row: {event.unreadable}"
+        else:
             try:
-                body = from_stored(
+                return from_stored(
                     event.email,
                     event.event,
                     event.properties,
                     event.eventdata,
-                    max_body_bytes=s.max_body_bytes,
+                    max_body_bytes=self.settings.max_body_bytes,
                 ).body()
-            except InvalidEvent as exc:
-                # A row written with plain SQL that breaks the rules: never sent.
-                log.warning("outbox id %d is invalid, dead-lettered: %s", event.id, exc)
-                self._finish(
-                    event, Outcome(Action.DEAD, None, f"invalid event: {exc}", charged=False)
-                )
-                continue
-            self._jobs.put(_Job(event, body, probe))
-        return len(claimed)
+            except InvalidEvent as exc:  # a row written with plain SQL that breaks the rules
+                reason = f"invalid event: {exc}"
+        log.warning("outbox id %d is never sent, dead-lettered: %s", event.id, reason)
+        self.completer.finish(event, Outcome(Action.DEAD, None, reason, charged=False))
+        return None
 
     def _idle_wait(self) -> float:
-        s = self.settings
-        waits = [s.poll_interval]
-        if self._outstanding:
+        waits = [self.settings.poll_interval, self.completer.renewal_in()]
+        if self.completer.held():
             waits.append(0.5)
-        if self._halted:
-            waits.append(max(0.01, self._next_probe - time.monotonic()))
-        paused = self.gate.paused_for()
-        if paused:
-            waits.append(paused)
+        change = self.breaker.next_change_in()
+        if change > 0:
+            waits.append(change)
         return max(0.001, min(waits))
-
-    # -- sending (sender threads) ----------------------------------------------
-
-    def _send_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            self.gate.wait_turn()
-            answer: Answer | None = None
-            if not self._stopping.is_set() and (job.probe or not self._halted):
-                try:
-                    answer = self.deliverer.post(job.body)
-                except Exception as exc:  # a sender thread must never die with a job
-                    log.exception("outbox id %d: unexpected error while sending", job.event.id)
-                    answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
-                self._pause_if_told(answer)
-            self._done.put(_Done(job, answer))
-            self._wake.set()
-
-    def _pause_if_told(self, answer: Answer) -> None:
-        """Hold every sender at once when the endpoint says to slow down, before the
-        next queued request goes out (the main thread may extend the pause)."""
-        if answer.status_code == 429:
-            self.gate.pause(throttle_pause(answer, self.settings.budget, 1))
-        elif answer.rate_limit_exhausted and answer.retry_after:
-            self.gate.pause(answer.retry_after)
 
     # -- outcomes --------------------------------------------------------------
 
+    def _hold_others(self, answer: Answer) -> None:
+        """From a sender thread: an answer that says "slow down" holds every sender at
+        once, before the next queued request goes out (the breaker sets the full pause)."""
+        pause = pause_for(answer, self.settings.budget, 1)
+        if pause is not None:
+            self.gate.pause(pause)
+
     def _collect(self) -> None:
-        """Turn every answer that came back into a record to write."""
-        while True:
-            try:
-                done = self._done.get_nowait()
-            except queue.Empty:
-                return
+        """Turn every answer that came back into an outcome to write."""
+        for done in self.senders.answers():
             event = done.job.event
-            if event.id not in self._outstanding:
+            if not self.completer.holds(event):
                 continue  # released at shutdown before the answer came
             if done.answer is None:
-                self._finish(event, Outcome(Action.RELEASE, charged=False))
-                continue
-            self._outcome(done.job, done.answer)
+                self.completer.finish(event, Outcome(Action.RELEASE, charged=False))
+            else:
+                self._outcome(done.job, done.answer)
 
-    def _outcome(self, job: _Job, answer: Answer) -> None:
+    def _outcome(self, job: Job, answer: Answer) -> None:
         event = job.event
+        assert event.created_at is not None  # an unreadable row is never sent
         age = dt.datetime.now(dt.timezone.utc) - event.created_at
         verdict, outcome = decide(answer, event.attempts, age, self.settings.budget)
         self.telemetry.request_seconds.observe(answer.duration_ms / 1000)
-        if verdict is Verdict.HALT:
-            self._halt(answer, event.id)
-        elif self._halted and job.probe:
-            log.warning(
-                "delivery resumed: the endpoint answered %s", answer.status_code or answer.error
-            )
-            self._halted = None
-            self.telemetry.set_halted(None)
-            if self._maintenance:
-                self._maintenance.nudge()
+        pause = self.breaker.answered(answer, verdict, job.probe, event.id)
         if verdict is Verdict.THROTTLE:
-            self._throttle_streak += 1
-            pause = throttle_pause(answer, self.settings.budget, self._throttle_streak)
-            self.gate.pause(pause)
-            outcome = Outcome(
-                Action.RELEASE, answer.status_code, answer.error, pause, charged=False
-            )
-            log.warning(
-                "endpoint says 429 (outbox id %d): pausing all sends for %.1fs", event.id, pause
-            )
-        elif verdict is not Verdict.HALT:
-            self._throttle_streak = 0
-        if outcome.action is Action.DELIVERED:
-            self.delivered += 1
+            outcome = dataclasses.replace(outcome, retry_in=pause)
         elif outcome.action is Action.RETRY:
             log.warning(
                 "outbox id %d attempt %d failed (%s): retry in %.1fs",
@@ -291,87 +281,43 @@ class Daemon:
                 event.attempts + 1,
                 outcome.error,
             )
-        self._finish(event, outcome)
+        self.completer.finish(event, outcome)
 
-    def _halt(self, answer: Answer, event_id: int) -> None:
-        hint = {
-            401: "the ma-key was refused: check OUTBOX_MA_KEY",
-            403: "the ma-key is not allowed: check OUTBOX_MA_KEY and the account",
-            404: "the endpoint URL is wrong: check OUTBOX_ENDPOINT_URL",
-        }.get(
-            answer.status_code or 0,
-            "the endpoint redirects: set OUTBOX_ENDPOINT_URL to the final URL",
-        )
-        reason = f"{answer.error} ({hint})"
-        if self._halted != reason:
-            log.error(
-                "DELIVERY HALTED for every event: outbox id %d got %s. No attempts are spent;"
-                " probing every %.0fs until it is fixed.",
-                event_id,
-                reason,
-                self.settings.halt_probe_interval,
-            )
-        self._halted = reason
-        self.telemetry.set_halted(status_label(answer.status_code))
+    def _publish(self) -> None:
+        """A halt began or ended: the heartbeat tells operators now, not at its next tick."""
         if self._maintenance:
             self._maintenance.nudge()
-        self._next_probe = time.monotonic() + self.settings.halt_probe_interval
-
-    def _finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
-        self._records.append(Record(event, outcome))
-        t, code = self.telemetry, status_label(outcome.status_code)
-        if outcome.action is Action.DELIVERED:
-            t.delivered.inc()
-        elif outcome.action is Action.RETRY:
-            t.retried.labels(code).inc()
-        elif outcome.action is Action.DEAD:
-            t.dead.labels(code).inc()
-        else:
-            reason = {"429": "throttle", "none": "unsent"}.get(code, "halt")
-            t.released.labels(reason).inc()
-
-    def _write_records(self) -> None:
-        if not self._records:
-            return
-        records, self._records = self._records, []
-        with self.telemetry.record_seconds.time():
-            self._db(lambda: self.store.record(records))
-        for r in records:
-            self._outstanding.pop(r.event.id, None)
 
     # -- shutdown --------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Release what was never sent; give requests on the wire a bounded time to answer."""
         self._stopping.set()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            self._finish(job.event, Outcome(Action.RELEASE, charged=False))
+        self.senders.stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout
-        while self._outstanding and time.monotonic() < deadline:
+        while self.completer.held() and time.monotonic() < deadline:
             self._collect()
-            self._write_records()
-            if self._outstanding:
-                self._wake.clear()
-                self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            if self.completer.pending_records() == self.completer.held():
+                break  # everything held has its outcome: write them once, below
+            self._wake.clear()
+            self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
         self._collect()
-        answered = {r.event.id for r in self._records}
-        for event in self._outstanding.values():
-            if event.id not in answered:
-                self._finish(event, Outcome(Action.RELEASE, charged=False))
-        if self._records:
-            log.info("shutting down: %d unanswered rows go back to pending", len(self._records))
-            try:
-                self.store.record(self._records)
-            except sa.exc.DBAPIError as exc:
-                log.warning(
-                    "could not release rows at shutdown (%s); their leases will expire", exc.orig
-                )
-        self._records.clear()
-        self._outstanding.clear()
+        released = self.completer.release_all_unanswered()
+        if released:
+            log.info("shutting down: %d unanswered rows go back to pending", released)
+        try:
+            self.completer.flush()
+        except sa.exc.DBAPIError as exc:
+            log.warning(
+                "could not record %d outcomes at shutdown (%s); their leases will expire",
+                self.completer.pending_records(),
+                first_line(exc.orig),
+            )
+        # Requests still on the wire are given up (their rows are released above).
+        self.senders.cut_off()
+        if not self.senders.join(5.0):
+            log.warning("a sender thread did not end in time")
+        self.completer.forget()
         self.deliverer.close()
 
     # -- the database, with patience ---------------------------------------------
@@ -384,12 +330,22 @@ class Daemon:
 
     def _patience_policy(self) -> tenacity.Retrying:
         return tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_is_transient),
+            retry=tenacity.retry_if_exception(is_transient),
             wait=tenacity.wait_exponential(multiplier=0.5, max=30.0) + tenacity.wait_random(0, 0.5),
-            stop=lambda _state: self._stopping.is_set(),
+            stop=self._stop_waiting,
             before_sleep=self._log_db_retry,
             reraise=True,
         )
+
+    def _stop_waiting(self, state: tenacity.RetryCallState) -> bool:
+        limit = self.settings.database_patience()
+        if limit is not None and state.seconds_since_start >= limit:
+            exc = state.outcome.exception() if state.outcome else None
+            raise DatabaseGaveUp(
+                f"gave up: the database did not answer for {limit:g}s"
+                f" ({first_line(getattr(exc, 'orig', exc))}); --database-wait {limit:g}s"
+            )
+        return self._stopping.is_set()
 
     def _log_db_retry(self, state: tenacity.RetryCallState) -> None:
         # Waiting out an outage is alive (not ready): a liveness probe must not restart us.
@@ -404,9 +360,3 @@ class Daemon:
             state.attempt_number,
             wait,
         )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
-        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
-    )

@@ -36,6 +36,14 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
     return parsed
 
 
+def is_transient(exc: BaseException) -> bool:
+    """The database is away or the connection broke (wait and retry), rather than
+    the statement being refused."""
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
+        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+    )
+
+
 def redact(url: str | sa.URL) -> str:
     """The URL as it may be shown: without its password."""
     try:

@@ -17,6 +17,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -102,6 +103,10 @@ class Deliverer:
             cleaned = cleaned.replace(self._ma_key, "[redacted]")
         return dataclasses.replace(answer, error=cleaned)
 
+    def cut_off(self, threads: set[int]) -> None:
+        """Give up on the answers these threads are waiting for (their sends return at once)."""
+        _deadlines.cut_off_now(threads)
+
     def close(self) -> None:
         self._session.close()
 
@@ -153,6 +158,16 @@ class _Deadlines:
                 return False
             self._cut_off.discard(me)
             return True
+
+    def cut_off_now(self, threads: set[int]) -> None:
+        """End the answers these threads are reading, at once (a shutdown that will
+        not wait for them)."""
+        with self._cond:
+            for thread in threads & self._armed.keys():
+                _, sock = self._armed.pop(thread)
+                self._cut_off.add(thread)
+                with contextlib.suppress(OSError, TypeError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def _watch(self) -> None:
         with self._cond:
@@ -344,32 +359,38 @@ def _seconds(value: str | None) -> float | None:
 class SendGate:
     """Spaces requests across all threads to a rate, and holds them all during a pause."""
 
-    def __init__(self, rate_per_second: float = 0.0) -> None:
+    def __init__(
+        self, rate_per_second: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
+        self._clock = clock
         self._next = 0.0
         self._paused_until = 0.0
         self._lock = threading.Lock()
 
     def pause(self, seconds: float) -> None:
         with self._lock:
-            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     def paused_for(self) -> float:
-        return max(0.0, self._paused_until - time.monotonic())
+        return max(0.0, self._paused_until - self._clock())
 
-    def wait_turn(self) -> None:
-        """Block until this thread may send: after any pause, one slot per interval."""
+    def wait_turn(self, cancel: threading.Event | None = None) -> bool:
+        """Block until this thread may send: after any pause, one slot per interval.
+        False if `cancel` was set while it waited."""
+        cancel = cancel or threading.Event()
         while True:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 reserved = now >= self._paused_until
                 if reserved:
                     slot = max(now, self._next)
                     self._next = slot + self._interval
                     if slot <= now:
-                        return
+                        return True
                 else:
                     slot = self._paused_until
-            time.sleep(slot - now)
-            if reserved and time.monotonic() >= self._paused_until:
-                return
+            if cancel.wait(slot - now):
+                return False
+            if reserved and self._clock() >= self._paused_until:
+                return True

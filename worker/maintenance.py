@@ -31,7 +31,7 @@ class Maintenance:
         lease: float,
         retain_delivered: dt.timedelta | None,
         on_rescue: Callable[[], None],
-        status: Callable[[], tuple[str | None, int]],
+        status: Callable[[], tuple[str | None, int, dt.datetime | None]],
         name: str,
         interval: float | None = None,
     ) -> None:
@@ -39,7 +39,7 @@ class Maintenance:
         self.telemetry = telemetry
         self.retain_delivered = retain_delivered
         self.on_rescue = on_rescue
-        self.status = status  # (why delivery is halted or None, events delivered)
+        self.status = status  # (why delivery is halted, events delivered, paused until)
         self.name = name
         # Often enough that a dead daemon's rows wait at most about 1.5 leases.
         self.interval = interval if interval is not None else min(lease / 2, 30.0)

@@ -87,7 +87,12 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
     ]
     lines.append(f"{'daemons running':<22}{len(stats.daemons):>12,}")
     for d in stats.daemons:
-        state = f"HALTED: {d.halted_reason}" if d.halted_reason else "delivering"
+        if d.halted_reason:
+            state = f"HALTED: {d.halted_reason}"
+        elif d.paused_until:
+            state = f"PAUSED by the endpoint's rate limit until {d.paused_until.isoformat()}"
+        else:
+            state = "delivering"
         lines.append(
             f"  {d.name:<30} seen {_age(d.seen_s_ago)} ago, {d.delivered:,} delivered, {state}"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 from dataclasses import dataclass
 
 import tenacity
@@ -116,16 +117,29 @@ def decide(
     return verdict, Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
 
 
-# The longest pause a Retry-After may ask of the whole daemon.
-MAX_THROTTLE_PAUSE = 3600.0
+# Every pause of the whole daemon lies between these (seconds): a Retry-After of 0
+# or in the past must not make a hot loop, and no header may stop sending for years.
+MIN_PAUSE = 1.0
+MAX_PAUSE = 3600.0
 
 
-def throttle_pause(answer: Answer, budget: RetryBudget, streak: int) -> float:
-    """How long the whole daemon pauses after a 429: the server's word (up to an
-    hour), else backoff."""
-    if answer.retry_after is not None:
-        return max(0.0, min(answer.retry_after, MAX_THROTTLE_PAUSE))
-    return budget.backoff(streak)
+def pause_for(answer: Answer, budget: RetryBudget, streak: int) -> float | None:
+    """How long every sender waits after this answer, or None: after a 429 the
+    server's word (else backoff by the streak of 429s); after any other answer
+    saying the rate limit is used up (x-sib-ratelimit-remaining: 0), until its reset."""
+    if answer.status_code == 429:
+        wanted = answer.retry_after if answer.retry_after is not None else budget.backoff(streak)
+    elif answer.rate_limit_exhausted:
+        wanted = answer.retry_after if answer.retry_after is not None else MIN_PAUSE
+    else:
+        return None
+    return bounded_pause(wanted)
+
+
+def bounded_pause(seconds: float) -> float:
+    if math.isnan(seconds):
+        return MIN_PAUSE
+    return min(max(seconds, MIN_PAUSE), MAX_PAUSE)
 
 
 def _human(delta: dt.timedelta) -> str:

@@ -216,6 +216,8 @@ outbox_daemons = sa.Table(
     sa.Column("seen_at", UTCDateTime(), nullable=False, server_default=utcnow()),
     sa.Column("halted_reason", sa.Text(), nullable=True),
     sa.Column("delivered", sa.BigInteger(), nullable=False, server_default="0"),
+    # The end of a long pause the endpoint asked for (a 429, a used-up rate limit).
+    sa.Column("paused_until", UTCDateTime(), nullable=True),
 )
 
 

@@ -21,6 +21,13 @@ from worker.event import InvalidEvent, from_json_object
 TRACK_EVENT_PATH = "/api/v2/trackEvent"
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 drops the SYNs of a daemon opening its connections
+    # at once; each dropped one is retried a second later.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class Sink:
     """The endpoint and what it received, served from a background thread."""
 
@@ -38,8 +45,7 @@ class Sink:
         self.counts: dict[int, int] = {}
         self._record_to = record_to
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
 
     @property

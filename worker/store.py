@@ -52,8 +52,9 @@ class ClaimedEvent:
     properties: str | None
     eventdata: str | None
     attempts: int
-    created_at: dt.datetime
+    created_at: dt.datetime | None  # None when unreadable
     lease_token: str
+    unreadable: str | None = None  # why the row cannot be sent as it is (never sent)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class DaemonSeen:
     seen_s_ago: float
     halted_reason: str | None
     delivered: int
+    paused_until: dt.datetime | None = None  # a long pause in effect, until then
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,10 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "daemons": [dataclasses.asdict(d) for d in self.daemons],
+            "daemons": [
+                {**dataclasses.asdict(d), "paused_until": _iso(d.paused_until)}
+                for d in self.daemons
+            ],
             "counts": self.counts,
             "due": self.due,
             "oldest_pending_age_s": self.oldest_pending_age_s,
@@ -139,7 +144,9 @@ def _claim_statement(contact_order: bool) -> sa.Update:
             sa.cast(e.c.properties, sa.Text).label("properties"),
             sa.cast(e.c.eventdata, sa.Text).label("eventdata"),
             e.c.attempts,
-            e.c.created_at,
+            # As stored: a plain-SQL row on SQLite may hold text that is no
+            # timestamp, which must dead-letter that row, not fail the claim.
+            sa.type_coerce(e.c.created_at, sa.Text).label("created_at"),
         )
     )
 
@@ -250,6 +257,12 @@ _BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
 # Held by the daemon doing maintenance this round ("outbox" in ASCII).
 _LOCK_KEY = 0x6F7574626F78
 
+_RENEW = (
+    sa.update(e)
+    .where(e.c.status == _IN_FLIGHT, e.c.lease_token.in_(sa.bindparam("b_tokens", expanding=True)))
+    .values(lease_expires_at=seconds_from_now(sa.bindparam("b_lease", type_=sa.Float)))
+)
+
 _RESCUE = (
     sa.update(e)
     .where(e.c.status == _IN_FLIGHT, e.c.lease_expires_at < utcnow())
@@ -275,14 +288,14 @@ class OutboxStore:
         params = {"b_limit": limit, "b_token": token, "b_lease": lease_seconds}
         with self.engine.begin() as conn:
             rows = conn.execute(_CLAIM[contact_order], params).all()
-        claimed = [
-            ClaimedEvent(
-                r.id, r.email, r.event, r.properties, r.eventdata, r.attempts, r.created_at, token
-            )
-            for r in rows
-        ]
+        claimed = [_claimed(r, token) for r in rows]
         claimed.sort(key=lambda c: c.id)
         return claimed
+
+    def renew_leases(self, tokens: Iterable[str], lease_seconds: float) -> None:
+        """Extend every row still held under these claims, in one statement."""
+        with self.engine.begin() as conn:
+            conn.execute(_RENEW, {"b_tokens": sorted(tokens), "b_lease": lease_seconds})
 
     def record(self, records: Sequence[Record]) -> None:
         """Write a batch of outcomes in one transaction: the attempt rows, then the outcomes."""
@@ -309,14 +322,22 @@ class OutboxStore:
             now = conn.execute(sa.select(utcnow())).scalar_one()
         return due, _age(now, oldest)
 
-    def heartbeat(self, name: str, halted_reason: str | None, delivered: int) -> None:
-        """Say that this daemon is alive (and whether it has halted delivery)."""
+    def heartbeat(
+        self,
+        name: str,
+        halted_reason: str | None,
+        delivered: int,
+        paused_until: dt.datetime | None = None,
+    ) -> None:
+        """Say that this daemon is alive (and whether it has halted or paused delivery)."""
         insert = dialect_insert(self.dialect)(outbox_daemons)
-        statement = insert.values(
-            name=name, halted_reason=halted_reason, delivered=delivered
-        ).on_conflict_do_update(
-            index_elements=["name"],
-            set_={"seen_at": utcnow(), "halted_reason": halted_reason, "delivered": delivered},
+        state = {
+            "halted_reason": halted_reason,
+            "delivered": delivered,
+            "paused_until": paused_until,
+        }
+        statement = insert.values(name=name, **state).on_conflict_do_update(
+            index_elements=["name"], set_={"seen_at": utcnow(), **state}
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
@@ -392,7 +413,13 @@ class OutboxStore:
                 ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
             },
             daemons=[
-                DaemonSeen(d.name, _age(now, d.seen_at) or 0.0, d.halted_reason, d.delivered)
+                DaemonSeen(
+                    d.name,
+                    _age(now, d.seen_at) or 0.0,
+                    d.halted_reason,
+                    d.delivered,
+                    d.paused_until if d.paused_until and d.paused_until > now else None,
+                )
                 for d in daemons
             ],
         )
@@ -464,6 +491,43 @@ class OutboxStore:
                 return total
 
 
+def _claimed(row: Any, token: str) -> ClaimedEvent:
+    """A claimed row as the daemon holds it; what cannot be read is said, not raised."""
+    problems = []
+    created_at = _timestamp(row.created_at)
+    if created_at is None:
+        problems.append(f"created_at {row.created_at!r} is not a timestamp")
+    attempts = row.attempts
+    if not isinstance(attempts, int):
+        problems.append(f"attempts {attempts!r} is not a whole number")
+        attempts = 0
+    return ClaimedEvent(
+        row.id,
+        row.email,
+        row.event,
+        row.properties,
+        row.eventdata,
+        attempts,
+        created_at,
+        token,
+        "; ".join(problems) or None,
+    )
+
+
+def _timestamp(value: Any) -> dt.datetime | None:
+    """A stored timestamp (naive means UTC), or None if it is not one."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dt.datetime):
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
 def _dead_selection(ids: Iterable[int], status_code: int | None, everything: bool) -> Any:
     ids = list(ids)
     if not (ids or status_code is not None or everything):
@@ -515,6 +579,10 @@ def _bind(columns: Sequence[str], rows: list[tuple[Any, ...]], dialect: str) -> 
             for name, values in zip(columns, zip(*rows, strict=True), strict=True)
         }
     return [{f"b_{name}": value for name, value in zip(columns, row, strict=True)} for row in rows]
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return when.isoformat() if when else None
 
 
 def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +76,12 @@ class Telemetry:
             ["reason"],
             registry=r,
         )
+        self.paused_until = Gauge(
+            "outbox_paused_until_seconds",
+            "Unix time at which the last long pause (429 or a used-up rate limit) ends:"
+            " sending is paused while it is in the future.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "outbox_in_flight", "Events claimed by this daemon and not yet recorded.", registry=r
         )
@@ -82,6 +89,7 @@ class Telemetry:
         self._last_turn = time.monotonic()
         self._db_ok = False
         self._halted_reason: str | None = None
+        self._paused_until: dt.datetime | None = None
 
     # -- fed by the daemon --------------------------------------------------------
 
@@ -98,6 +106,10 @@ class Telemetry:
             self.halted.labels(reason).set(1)
         self._halted_reason = reason
 
+    def set_paused_until(self, until: dt.datetime) -> None:
+        self._paused_until = until
+        self.paused_until.set(until.timestamp())
+
     # -- read by probes -------------------------------------------------------------
 
     def liveness(self) -> tuple[bool, str]:
@@ -111,6 +123,11 @@ class Telemetry:
             return False, "the database does not answer"
         if self._halted_reason is not None:
             return False, f"delivery halted: {self._halted_reason}"
+        if self._paused_until and self._paused_until > dt.datetime.now(dt.timezone.utc):
+            return (
+                False,
+                f"paused by the endpoint's rate limit until {self._paused_until.isoformat()}",
+            )
         return True, "ok"
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import psycopg
 import sqlalchemy as sa
 
 CHANNEL = "outbox_events"
+_STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 log = logging.getLogger("worker.wakeup")
 
 
@@ -34,6 +36,10 @@ class Listener:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _hears_itself(self, conn: psycopg.Connection) -> bool:
         """Notify our channel from another connection, as an inserting client would:
@@ -64,12 +70,16 @@ class Listener:
                     self.listening.set()
                     # A notification may have been missed while we were away.
                     self._wake.set()
+                    checked = time.monotonic()
                     while not self._stopping.is_set():
-                        for _ in conn.notifies(timeout=self._check_interval):
+                        # Short slices, so that stop() is seen within one.
+                        for _ in conn.notifies(timeout=_STOP_SLICE):
                             self._wake.set()
-                        # No notification for a while: prove the connection is alive,
-                        # so a silently dead listener is found within one interval.
-                        conn.execute("SELECT 1")
+                        if time.monotonic() - checked >= self._check_interval:
+                            # Prove the connection is alive, so that a silently dead
+                            # listener is found within one check interval.
+                            conn.execute("SELECT 1")
+                            checked = time.monotonic()
             except psycopg.Error as exc:
                 self.listening.clear()
                 if self._stopping.is_set():

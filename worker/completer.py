@@ -1,0 +1,147 @@
+"""The rows a daemon holds, from claim to recorded outcome.
+
+Keyed by the claim (outbox id and lease token), never by the id alone: a row
+taken back and claimed again is another claim, and the answer to one never
+settles the other. While rows are held their leases are renewed, all in one
+statement per round and fenced by the claim, so a live daemon's rows never
+expire however long they wait (for a sender, the rate limit, a pause or a
+slow answer). Outcomes are buffered and written in one transaction per batch;
+one the database refuses is written alone, and never costs the others theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import sqlalchemy as sa
+
+from worker.db import is_transient
+from worker.output import first_line
+from worker.policy import Action, Outcome
+from worker.store import ClaimedEvent, OutboxStore, Record
+from worker.telemetry import Telemetry, status_label
+
+log = logging.getLogger("worker.daemon")
+
+Claim = tuple[int, str]  # (outbox id, lease token)
+
+
+def claim_of(event: ClaimedEvent) -> Claim:
+    return event.id, event.lease_token
+
+
+class Completer:
+    def __init__(
+        self,
+        store: OutboxStore,
+        telemetry: Telemetry,
+        *,
+        lease: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.telemetry = telemetry
+        self.lease = lease
+        # Renewed three times a lease: two renewals may fail before a claim expires.
+        self.renew_every = lease / 3
+        self._clock = clock
+        self._held: dict[Claim, ClaimedEvent] = {}
+        self._records: list[Record] = []
+        self._next_renewal = clock() + self.renew_every
+        self.delivered = 0
+
+    # -- what is held ----------------------------------------------------------------
+
+    def hold(self, events: Iterable[ClaimedEvent]) -> None:
+        for event in events:
+            self._held[claim_of(event)] = event
+
+    def holds(self, event: ClaimedEvent) -> bool:
+        return claim_of(event) in self._held
+
+    def held(self) -> int:
+        """Rows claimed and not yet recorded (answered or not)."""
+        return len(self._held)
+
+    def unanswered(self) -> list[ClaimedEvent]:
+        answered = {claim_of(r.event) for r in self._records}
+        return [e for c, e in self._held.items() if c not in answered]
+
+    # -- leases ----------------------------------------------------------------------
+
+    def renewal_in(self) -> float:
+        return max(0.0, self._next_renewal - self._clock()) if self._held else float("inf")
+
+    def renew_if_due(self) -> None:
+        """Extend the lease of every held row, in one statement, when a renewal is due."""
+        if self._clock() < self._next_renewal:
+            return
+        self._next_renewal = self._clock() + self.renew_every
+        tokens = {token for _, token in self._held}
+        if tokens:
+            self.store.renew_leases(tokens, self.lease)
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
+        self._records.append(Record(event, outcome))
+        t, code = self.telemetry, status_label(outcome.status_code)
+        if outcome.action is Action.DELIVERED:
+            self.delivered += 1
+            t.delivered.inc()
+        elif outcome.action is Action.RETRY:
+            t.retried.labels(code).inc()
+        elif outcome.action is Action.DEAD:
+            t.dead.labels(code).inc()
+        else:
+            reason = {"429": "throttle", "none": "unsent"}.get(code, "halt")
+            t.released.labels(reason).inc()
+
+    def pending_records(self) -> int:
+        return len(self._records)
+
+    def flush(self) -> None:
+        """Write every buffered outcome. A database that is away raises (the caller
+        waits it out and calls again, nothing is lost); an outcome the database
+        refuses is logged and let go: its claim expires and it is sent again."""
+        if not self._records:
+            return
+        records = self._records
+        with self.telemetry.record_seconds.time():
+            try:
+                self.store.record(records)
+            except sa.exc.DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                self._record_one_by_one(records)
+        self._records = []
+        for r in records:
+            self._held.pop(claim_of(r.event), None)
+
+    def _record_one_by_one(self, records: list[Record]) -> None:
+        for r in records:
+            try:
+                self.store.record([r])
+            except sa.exc.DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                log.error(
+                    "outbox id %d: the database refused its outcome (%s, %s); its claim"
+                    " will expire and it will be sent again",
+                    r.event.id,
+                    r.outcome.action.value,
+                    first_line(exc.orig),
+                )
+
+    def release_all_unanswered(self) -> int:
+        """At shutdown: every held row without an answer goes back to pending, uncharged."""
+        unanswered = self.unanswered()
+        for event in unanswered:
+            self.finish(event, Outcome(Action.RELEASE, charged=False))
+        return len(unanswered)
+
+    def forget(self) -> None:
+        self._held.clear()
+        self._records.clear()

@@ -1,0 +1,110 @@
+"""The sender pool: threads that only do HTTP, fed jobs by the daemon's main thread.
+
+Each sender takes a job, waits for its turn at the send gate (the rate limit
+and any pause), posts it unless delivery is halted, and hands the answer back.
+`stop` makes every queued job come back unsent; `join` waits for the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from worker.delivery import Deliverer, SendGate
+from worker.policy import Answer
+from worker.store import ClaimedEvent
+
+log = logging.getLogger("worker.daemon")
+
+
+@dataclass(frozen=True)
+class Job:
+    event: ClaimedEvent
+    body: bytes
+    probe: bool = False  # sent even while halted, to find out whether the endpoint is back
+
+
+@dataclass(frozen=True)
+class Done:
+    job: Job
+    answer: Answer | None  # None: not sent (halted or stopping before its turn)
+
+
+_STOP = None  # one per thread, queued behind every job
+
+
+class SenderPool:
+    def __init__(
+        self,
+        size: int,
+        deliverer: Deliverer,
+        gate: SendGate,
+        *,
+        may_send: Callable[[bool], bool],
+        hold_others: Callable[[Answer], None],
+        wake: threading.Event,
+    ) -> None:
+        self.deliverer = deliverer
+        self.gate = gate
+        self.may_send = may_send  # (probe) -> whether to send it now
+        self.hold_others = hold_others  # an answer that says "slow down" holds the gate at once
+        self._wake = wake
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._done: queue.SimpleQueue[Done] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"outbox-sender-{n}", daemon=True)
+            for n in range(size)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def answers(self) -> Iterator[Done]:
+        """Every answer that came back since the last call."""
+        while True:
+            try:
+                yield self._done.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        """Send nothing more: queued jobs come back unsent, the threads end."""
+        self._stopping.set()
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+
+    def cut_off(self) -> None:
+        """Give up on every answer still awaited: the senders return at once."""
+        self.deliverer.cut_off({t.ident for t in self._threads if t.ident is not None})
+
+    def join(self, timeout: float) -> bool:
+        """Wait (bounded) for every sender to end; whether they all did."""
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            answer: Answer | None = None
+            turn = not self._stopping.is_set() and self.gate.wait_turn(self._stopping)
+            if turn and not self._stopping.is_set() and self.may_send(job.probe):
+                try:
+                    answer = self.deliverer.post(job.body)
+                except Exception as exc:  # a sender thread must never die with a job
+                    log.exception("outbox id %d: unexpected error while sending", job.event.id)
+                    answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
+                self.hold_others(answer)
+            self._done.put(Done(job, answer))
+            self._wake.set()
