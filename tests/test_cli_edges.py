@@ -6,10 +6,20 @@ import json
 import subprocess
 import sys
 
+import pytest
 import requests
+import sqlalchemy as sa
 
 from tests.conftest import KEY, run_cli
-from tests.test_cli import FAST_RUN, clean_env, cli, start_sink
+from tests.test_cli import (
+    FAST_RUN,
+    assert_one_line_error,
+    clean_env,
+    cli,
+    execute,
+    query,
+    start_sink,
+)
 
 
 def test_version_prints_the_version() -> None:
@@ -113,3 +123,70 @@ def test_two_lines_sharing_a_key_count_as_one_event(sqlite_url: str) -> None:
 def test_the_key_never_appears_in_any_of_these_outputs(sqlite_url: str) -> None:
     result = cli(sqlite_url, *FAST_RUN, env={"OUTBOX_MA_KEY": KEY})
     assert KEY not in result.stdout + result.stderr
+
+
+# -- configuration errors: exit 2 with one sentence, never "please report it" ---------------
+
+URL_COMMANDS = pytest.mark.parametrize(
+    "command",
+    [
+        ["migrate"],
+        ["stats"],
+        ["enqueue", "--email", "a@example.com", "--event", "x"],
+        ["dead-letters", "list"],
+        [*FAST_RUN],
+    ],
+    ids=lambda c: c[0],
+)
+# Each URL holds the password "secretpw", which no answer may show.
+BAD_URLS = {
+    "a driver that is not installed": ("postgresql+asyncpg://u:secretpw@127.0.0.1/db", "driver"),
+    "a port that is not a number": ("postgresql://u:secretpw@127.0.0.1:abc/db", "port"),
+    "a port out of range": ("postgresql://u:secretpw@127.0.0.1:99999/db", "port"),
+    "an unclosed IPv6 bracket": ("postgresql://u:secretpw@[::1/db", "database URL"),
+    "no scheme": ("postgresql//u:secretpw@127.0.0.1/db", "database URL"),
+}
+
+
+@URL_COMMANDS
+@pytest.mark.parametrize("kind", BAD_URLS)
+def test_a_database_url_that_cannot_work_exits_2_naming_what_is_wrong(command, kind) -> None:
+    url, named = BAD_URLS[kind]
+    result = run_cli(*command, "--database-url", url, env={"OUTBOX_MA_KEY": KEY})
+    line = assert_one_line_error(result, 2)
+    assert named in line
+    assert "secretpw" not in line and "unexpected" not in line
+
+
+@URL_COMMANDS
+def test_a_sqlite_file_in_a_missing_folder_exits_2_naming_the_folder(command, tmp_path) -> None:
+    folder = tmp_path / "no-such-folder"
+    result = run_cli(
+        *command, "--database-url", f"sqlite:///{folder}/outbox.db", env={"OUTBOX_MA_KEY": KEY}
+    )
+    line = assert_one_line_error(result, 2)
+    assert str(folder) in line and "does not exist" in line
+    assert not folder.exists()
+
+
+def test_migrate_on_a_database_newer_than_the_code_exits_2_saying_to_upgrade(db_url) -> None:
+    execute(db_url, sa.text("UPDATE outbox_alembic_version SET version_num = '9999_future'"))
+    line = assert_one_line_error(cli(db_url, "migrate"), 2)
+    assert "9999_future" in line and "newer than this outbox-worker" in line
+    assert "upgrade outbox-worker" in line
+    assert query(db_url, "SELECT version_num FROM outbox_alembic_version") == [("9999_future",)]
+
+
+def test_a_key_file_that_is_not_utf8_exits_2_without_showing_it(sqlite_url, tmp_path) -> None:
+    key_file = tmp_path / "ma-key"
+    key_file.write_bytes(b"\xffsecret-key-\xfe1234")
+    result = cli(sqlite_url, *FAST_RUN, "--ma-key-file", str(key_file))
+    line = assert_one_line_error(result, 2)
+    assert "UTF-8" in line and "--ma-key-file" in line
+    assert "secret-key" not in result.stdout + result.stderr
+
+
+def test_a_key_file_that_cannot_be_read_exits_2(sqlite_url, tmp_path) -> None:
+    result = cli(sqlite_url, *FAST_RUN, "--ma-key-file", str(tmp_path))  # a folder
+    line = assert_one_line_error(result, 2)
+    assert "--ma-key-file" in line

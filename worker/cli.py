@@ -108,10 +108,9 @@ def _check_logging_flags(args: argparse.Namespace) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     engine = db.create_engine(args.database_url)
-    before, head = db.schema_revision(engine)
-    db.migrate(engine)
-    state = "already at" if before == head else f"migrated from {before or 'empty'} to"
-    print(f"{db.redact(args.database_url)}: {state} revision {head}")
+    before, after = db.migrate(engine)
+    state = "already at" if before == after else f"migrated from {before or 'empty'} to"
+    print(f"{db.redact(args.database_url)}: {state} revision {after}")
     return 0
 
 
@@ -313,6 +312,10 @@ def _ma_key(args: argparse.Namespace) -> str:
             return Path(args.ma_key_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise UsageError(f"cannot read --ma-key-file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(
+                "--ma-key-file is not UTF-8 text: it must hold the key alone, as plain text"
+            ) from None
     return os.environ.get("OUTBOX_MA_KEY", "").strip()
 
 
