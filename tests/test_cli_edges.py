@@ -190,3 +190,53 @@ def test_a_key_file_that_cannot_be_read_exits_2(sqlite_url, tmp_path) -> None:
     result = cli(sqlite_url, *FAST_RUN, "--ma-key-file", str(tmp_path))  # a folder
     line = assert_one_line_error(result, 2)
     assert "--ma-key-file" in line
+
+
+# -- every numeric flag is finite and in its stated range -------------------------------------
+
+OUT_OF_RANGE = {
+    "--poll-interval": ["nan", "inf", "0", "-1"],
+    "--lease": ["nan", "inf", "-5"],
+    "--backoff-base": ["nan", "-inf", "0"],
+    "--backoff-max": ["nan", "inf"],
+    "--timeout": ["nan", "inf", "0"],
+    "--shutdown-timeout": ["nan", "inf", "-1"],
+    "--rate-limit": ["nan", "inf", "-1", "1e9"],
+    "--concurrency": ["0", "257", "100000"],
+    "--batch-size": ["0", "1001"],
+    "--max-attempts": ["0", "-3", "1001"],
+    "--max-body-bytes": ["0", "99999999999"],
+    "--metrics-port": ["0", "-1", "65536", "99999"],
+}
+
+
+def assert_usage_error_naming(result: subprocess.CompletedProcess[str], flag: str) -> None:
+    """Exit 2, and the last line of stderr (argparse's, or our one line) names the flag."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert flag in last and "unexpected" not in last, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [(flag, value) for flag, values in OUT_OF_RANGE.items() for value in values],
+)
+def test_a_numeric_run_flag_that_is_not_finite_or_out_of_range_exits_2(
+    flag, value, sqlite_url
+) -> None:
+    result = cli(sqlite_url, *FAST_RUN, f"{flag}={value}", env={"OUTBOX_MA_KEY": KEY})
+    assert_usage_error_naming(result, flag)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_stats_interval_must_be_finite_and_positive(value, sqlite_url) -> None:
+    result = cli(sqlite_url, "stats", "--watch", f"--interval={value}")
+    assert_usage_error_naming(result, "--interval")
+
+
+def test_the_ranges_are_stated_in_run_help() -> None:
+    help_text = " ".join(run_cli("run", "--help").stdout.split())
+    assert "1 to 256" in help_text  # --concurrency
+    assert "1 to 1000" in help_text  # --batch-size
+    assert "1 to 65535" in help_text  # --metrics-port

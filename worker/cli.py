@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -27,7 +28,10 @@ from worker.config import (
     DEFAULT_ENDPOINT_URL,
     Settings,
     SettingsError,
+    bounds_text,
+    check_number,
     parse_duration,
+    shown,
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
@@ -129,11 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         pool_size=settings.concurrency,
     )
     telemetry = Telemetry()
-    if args.metrics_port is not None:
-        server = TelemetryServer(telemetry, args.metrics_port, args.metrics_host).start()
+    if settings.metrics_port is not None:
+        server = TelemetryServer(telemetry, settings.metrics_port, settings.metrics_host).start()
         logging.getLogger("worker").info(
             "metrics on http://%s:%d/metrics (health: /livez, /readyz)",
-            args.metrics_host,
+            settings.metrics_host,
             server.port,
         )
     daemon = Daemon(settings, OutboxStore(engine), deliverer, telemetry)
@@ -199,6 +203,7 @@ def _ids(ids: list[int]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    check_number("--interval", args.interval)
     store = _store(args)
     try:
         while True:
@@ -298,6 +303,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         contact_order=not args.unordered,
         retain_delivered=_retention(args.retain_delivered),
         allow_insecure_endpoint=args.allow_insecure_endpoint,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -379,6 +386,25 @@ def _open_input(path: str) -> IO[bytes]:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _whole(text: str) -> int:
+    """argparse's int, with a message; the range is Settings.check's."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    """A number of seconds or a rate: float() takes 'nan' and 'inf', which no setting can use."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -450,31 +476,44 @@ def _parser() -> argparse.ArgumentParser:
         help="give up per-contact order (faster; for events whose order does not matter)",
     )
     defaults, budget = Settings(), RetryBudget()
-    run.add_argument("--max-attempts", type=_positive_int, default=budget.max_attempts)
+
+    def number(flag: str, parse: Callable[[str], float], default: float | None, help: str) -> None:
+        run.add_argument(
+            flag,
+            type=parse,
+            default=default,
+            help=f"{help} ({bounds_text(flag)}; default {'off' if default is None else shown(default)})",
+        )
+
+    number(
+        "--max-attempts", _whole, budget.max_attempts, "charged attempts before an event is dead"
+    )
     run.add_argument("--max-age", default="3d", help="give up on an event this old (default 3d)")
-    run.add_argument("--backoff-base", type=float, default=budget.backoff_base, help="seconds")
-    run.add_argument("--backoff-max", type=float, default=budget.backoff_max, help="seconds")
-    run.add_argument("--concurrency", type=_positive_int, default=defaults.concurrency)
-    run.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    run.add_argument("--poll-interval", type=float, default=defaults.poll_interval, help="seconds")
-    run.add_argument("--lease", type=float, default=defaults.lease, help="seconds a claim lasts")
-    run.add_argument(
-        "--rate-limit", type=float, default=defaults.rate_limit, help="requests/s, 0 for none"
+    number("--backoff-base", _finite, budget.backoff_base, "seconds before the first retry")
+    number("--backoff-max", _finite, budget.backoff_max, "longest wait between retries, seconds")
+    number("--concurrency", _whole, defaults.concurrency, "requests in flight at once")
+    number("--batch-size", _whole, defaults.batch_size, "rows claimed per statement")
+    number("--poll-interval", _finite, defaults.poll_interval, "seconds between polls")
+    number("--lease", _finite, defaults.lease, "seconds a claim lasts")
+    number("--rate-limit", _finite, defaults.rate_limit, "requests/s, 0 for none")
+    number("--timeout", _finite, defaults.timeout, "request timeout, seconds")
+    number(
+        "--shutdown-timeout",
+        _finite,
+        defaults.shutdown_timeout,
+        "seconds in-flight requests get at SIGTERM",
     )
-    run.add_argument(
-        "--timeout", type=float, default=defaults.timeout, help="request timeout, seconds"
-    )
-    run.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
-    run.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+    number("--max-body-bytes", _whole, MAX_BODY_BYTES, "largest request body")
     run.add_argument(
         "--retain-delivered",
         default="7d",
         help="prune delivered events older than this (default 7d; 'forever' keeps them)",
     )
-    run.add_argument(
+    number(
         "--metrics-port",
-        type=int,
-        help="serve Prometheus /metrics and /livez, /readyz health checks on this port",
+        _whole,
+        None,
+        "serve Prometheus /metrics and /livez, /readyz health checks on this port",
     )
     run.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
     run.add_argument(
@@ -496,7 +535,12 @@ def _parser() -> argparse.ArgumentParser:
     stats = command("stats", cmd_stats, "counts by status, backlog age, recent throughput")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    stats.add_argument(
+        "--interval",
+        type=_finite,
+        default=1.0,
+        help=f"seconds between refreshes ({bounds_text('--interval')}; default 1)",
+    )
 
     dead = sub.add_parser("dead-letters", help="inspect and replay what failed")
     dead_sub = dead.add_subparsers(metavar="action")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import math
 import re
 from urllib.parse import urlsplit
 
@@ -19,6 +20,44 @@ MIN_KEY_LENGTH = 8
 
 class SettingsError(ValueError):
     """A setting that cannot work; the message says which and what to do."""
+
+
+# Every number a flag sets, lowest and highest, checked in one place (Settings.check,
+# check_number) and stated in --help: outside them a setting spins a core, hangs
+# the process or never sends (nan and inf are outside every range).
+BOUNDS: dict[str, tuple[float, float]] = {
+    "--concurrency": (1, 256),  # one thread and one connection each
+    "--batch-size": (1, 1000),
+    "--max-attempts": (1, 1000),
+    "--max-body-bytes": (1, 1024 * 1024),
+    "--poll-interval": (0.01, 3600),
+    "--lease": (0.1, 86400),
+    "--timeout": (0.1, 3600),
+    "--shutdown-timeout": (0, 3600),
+    "--rate-limit": (0, 10000),  # 0 is no limit
+    "--backoff-base": (0.01, 86400),
+    "--backoff-max": (0.01, 7 * 86400),
+    "--metrics-port": (1, 65535),
+    "--interval": (0.01, 3600),  # stats --watch
+}
+
+
+def bounds_text(flag: str) -> str:
+    """The range of a flag as --help states it: '1 to 256'."""
+    low, high = BOUNDS[flag]
+    return f"{shown(low)} to {shown(high)}"
+
+
+def shown(number: float) -> str:
+    """A number as a person writes it: 1048576, 0.05, nan (never 1.04858e+06)."""
+    return str(int(number)) if math.isfinite(number) and number == int(number) else f"{number:g}"
+
+
+def check_number(flag: str, value: float) -> None:
+    """Refuse a value that is not finite or outside the flag's BOUNDS."""
+    low, high = BOUNDS[flag]
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SettingsError(f"{flag} must be a number from {bounds_text(flag)}, not {shown(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +79,8 @@ class Settings:
     contact_order: bool = True  # False: faster, for streams whose order does not matter
     retain_delivered: dt.timedelta | None = dt.timedelta(days=7)  # None: keep them all
     allow_insecure_endpoint: bool = False
+    metrics_port: int | None = None  # None: no metrics server
+    metrics_host: str = "0.0.0.0"
 
     def check(self) -> Settings:
         """Refuse settings that cannot work, with the reason."""
@@ -55,23 +96,30 @@ class Settings:
         if any(c in self.ma_key for c in "\r\n"):
             raise SettingsError("the ma-key contains a line break: check OUTBOX_MA_KEY")
         check_endpoint_url(self.endpoint_url, self.allow_insecure_endpoint)
-        for name in ("concurrency", "batch_size", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("poll_interval", "lease", "timeout"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"--{name.replace('_', '-')} must be more than 0 seconds")
-        if self.rate_limit < 0:
-            raise SettingsError("--rate-limit must be 0 (no limit) or more")
+        numbers = {
+            "--concurrency": self.concurrency,
+            "--batch-size": self.batch_size,
+            "--max-body-bytes": self.max_body_bytes,
+            "--poll-interval": self.poll_interval,
+            "--lease": self.lease,
+            "--timeout": self.timeout,
+            "--shutdown-timeout": self.shutdown_timeout,
+            "--rate-limit": self.rate_limit,
+            "--max-attempts": self.budget.max_attempts,
+            "--backoff-base": self.budget.backoff_base,
+            "--backoff-max": self.budget.backoff_max,
+            "--metrics-port": self.metrics_port,
+        }
+        for flag, value in numbers.items():
+            if value is not None:
+                check_number(flag, value)
         if self.lease < 2 * self.timeout:
             raise SettingsError(
                 f"--lease ({self.lease:g}s) must be at least twice the request timeout"
                 f" ({self.timeout:g}s), or claims would expire while requests are still waiting"
             )
-        if self.budget.max_attempts < 1:
-            raise SettingsError("--max-attempts must be at least 1")
-        if self.budget.backoff_base <= 0 or self.budget.backoff_max < self.budget.backoff_base:
-            raise SettingsError("--backoff-base must be > 0 and no more than --backoff-max")
+        if self.budget.backoff_max < self.budget.backoff_base:
+            raise SettingsError("--backoff-base must be no more than --backoff-max")
         return self
 
 
@@ -105,4 +153,7 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION.fullmatch(text)
     if not match:
         raise SettingsError(f"{text!r} is not a duration: use e.g. 30s, 15m, 12h or 7d")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise SettingsError(f"{text!r} is longer than any duration can be") from None
