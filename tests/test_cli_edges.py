@@ -240,3 +240,37 @@ def test_the_ranges_are_stated_in_run_help() -> None:
     assert "1 to 256" in help_text  # --concurrency
     assert "1 to 1000" in help_text  # --batch-size
     assert "1 to 65535" in help_text  # --metrics-port
+
+
+# -- a key that cannot be an HTTP header value is refused at start ----------------------------
+
+UNSENDABLE_KEYS = {
+    "cyrillic": "ключ-ключ-ключ",
+    "a control character": "abcd\x01efgh1234",
+    "a tab": "abcd\tefgh1234",
+    "a line break": "abcd\nefgh1234",
+}
+
+
+@pytest.mark.parametrize("kind", UNSENDABLE_KEYS)
+def test_a_key_that_cannot_be_a_header_value_is_refused_at_start(kind, sqlite_url) -> None:
+    key = UNSENDABLE_KEYS[kind]
+    result = cli(sqlite_url, *FAST_RUN, env={"OUTBOX_MA_KEY": key})
+    line = assert_one_line_error(result, 2)
+    assert "HTTP header" in line
+    assert key not in result.stdout + result.stderr
+    assert "ключ" not in result.stderr and "efgh" not in result.stderr
+
+
+def test_a_key_file_whose_key_cannot_be_a_header_value_is_refused(sqlite_url, tmp_path) -> None:
+    key_file = tmp_path / "ma-key"
+    key_file.write_text("ключ-ключ-ключ\n", encoding="utf-8")
+    result = cli(sqlite_url, *FAST_RUN, "--ma-key-file", str(key_file))
+    line = assert_one_line_error(result, 2)
+    assert "HTTP header" in line and "ключ" not in line
+
+
+def test_the_sink_refuses_a_key_that_cannot_be_a_header_value() -> None:
+    result = run_cli("sink", "--port", "0", env={"OUTBOX_MA_KEY": "ключ-ключ-ключ"}, timeout=20)
+    line = assert_one_line_error(result, 2)
+    assert "HTTP header" in line and "ключ" not in line

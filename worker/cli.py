@@ -29,6 +29,7 @@ from worker.config import (
     Settings,
     SettingsError,
     bounds_text,
+    check_ma_key,
     check_number,
     parse_duration,
     shown,
@@ -256,6 +257,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
     key = _ma_key(args)
     if not key:
         raise UsageError("the sink needs the key it accepts: set OUTBOX_MA_KEY or --ma-key-file")
+    check_ma_key(key)  # the key the daemon will send: the same rules
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
     sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
     print(f"sink listening on {sink.url}", flush=True)

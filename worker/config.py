@@ -84,17 +84,7 @@ class Settings:
 
     def check(self) -> Settings:
         """Refuse settings that cannot work, with the reason."""
-        if not self.ma_key:
-            raise SettingsError(
-                "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
-            )
-        if len(self.ma_key) < MIN_KEY_LENGTH:
-            raise SettingsError(
-                f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
-                " key: check OUTBOX_MA_KEY or --ma-key-file"
-            )
-        if any(c in self.ma_key for c in "\r\n"):
-            raise SettingsError("the ma-key contains a line break: check OUTBOX_MA_KEY")
+        check_ma_key(self.ma_key)
         check_endpoint_url(self.endpoint_url, self.allow_insecure_endpoint)
         numbers = {
             "--concurrency": self.concurrency,
@@ -121,6 +111,27 @@ class Settings:
         if self.budget.backoff_max < self.budget.backoff_base:
             raise SettingsError("--backoff-base must be no more than --backoff-max")
         return self
+
+
+def check_ma_key(key: str) -> None:
+    """A key that can be real and can be sent as an HTTP header value; the message never shows it."""
+    if not key:
+        raise SettingsError(
+            "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
+        )
+    if len(key) < MIN_KEY_LENGTH:
+        raise SettingsError(
+            f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
+            " key: check OUTBOX_MA_KEY or --ma-key-file"
+        )
+    # Header values are latin-1 on the wire and refuse line breaks; real keys are
+    # printable ASCII, so anything else (a Cyrillic letter, a tab) is a paste error.
+    for position, char in enumerate(key, start=1):
+        if not " " <= char <= "~":
+            raise SettingsError(
+                f"the ma-key cannot be sent as an HTTP header: its character {position} is not"
+                " printable ASCII (check OUTBOX_MA_KEY or --ma-key-file)"
+            )
 
 
 def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
