@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from tests.test_cli import (
     clean_env,
     cli,
     execute,
+    keyed,
     query,
     start_sink,
 )
@@ -274,3 +276,72 @@ def test_the_sink_refuses_a_key_that_cannot_be_a_header_value() -> None:
     result = run_cli("sink", "--port", "0", env={"OUTBOX_MA_KEY": "ключ-ключ-ключ"}, timeout=20)
     line = assert_one_line_error(result, 2)
     assert "HTTP header" in line and "ключ" not in line
+
+
+# -- run --help: every option says its default and the variable that sets it ----------------
+
+
+def help_entries(help_text: str) -> dict[str, str]:
+    """Each option of an argparse --help, with the text that follows it."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        match = re.match(r"^  (-[\w-]+)", line)
+        if match:
+            current = match.group(1)
+            entries[current] = line[match.end() :]
+        elif current:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_every_run_option_has_help_with_its_default_and_its_environment_variable() -> None:
+    entries = help_entries(run_cli("run", "--help").stdout)
+    entries.pop("-h")
+    assert len(entries) >= 20
+    for option, text in entries.items():
+        assert "default" in text, option
+        assert "env OUTBOX_" in text, option
+
+
+def started(result: subprocess.CompletedProcess[str]) -> str:
+    """The daemon's start line: what it runs with."""
+    return next(line for line in result.stderr.splitlines() if "delivering to" in line)
+
+
+def test_run_takes_each_flag_from_its_environment_variable(sqlite_url, endpoint) -> None:
+    env = keyed(
+        endpoint.url,
+        OUTBOX_CONCURRENCY="3",
+        OUTBOX_BATCH_SIZE="7",
+        OUTBOX_RATE_LIMIT="5",
+        OUTBOX_EXIT_WHEN_DRAINED="true",  # without it the run would not end
+    )
+    result = cli(sqlite_url, "run", "--poll-interval", "0.1", env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "concurrency 3, batch 7" in started(result) and "rate limit 5/s" in started(result)
+
+
+def test_a_flag_wins_over_its_environment_variable(sqlite_url, endpoint) -> None:
+    env = keyed(endpoint.url, OUTBOX_CONCURRENCY="3")
+    result = cli(sqlite_url, *FAST_RUN, "--concurrency", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "concurrency 2," in started(result)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OUTBOX_CONCURRENCY", "abc"),
+        ("OUTBOX_CONCURRENCY", "0"),
+        ("OUTBOX_POLL_INTERVAL", "nan"),
+        ("OUTBOX_EXIT_WHEN_DRAINED", "maybe"),
+        ("OUTBOX_MAX_AGE", "soon"),
+    ],
+)
+def test_a_bad_value_from_the_environment_exits_2_naming_the_variable(
+    variable, value, sqlite_url
+) -> None:
+    result = cli(sqlite_url, "run", env=keyed(**{variable: value}), timeout=30)
+    line = assert_one_line_error(result, 2)
+    assert variable in line

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 
 from worker import db, output
 from worker.config import (
+    BOUNDS,
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
     Settings,
@@ -31,8 +33,9 @@ from worker.config import (
     bounds_text,
     check_ma_key,
     check_number,
+    env_variable,
+    number_text,
     parse_duration,
-    shown,
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
@@ -56,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        _apply_environment(args)
         _check_logging_flags(args)
         key = _ma_key(args) if hasattr(args, "ma_key_file") else os.environ.get("OUTBOX_MA_KEY")
         output.configure_logging(args.log_level, args.log_format, secrets=[key] if key else [])
@@ -289,7 +293,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ma_key=_ma_key(args),
         budget=RetryBudget(
             max_attempts=args.max_attempts,
-            max_age=parse_duration(args.max_age),
+            max_age=args.max_age,
             backoff_base=args.backoff_base,
             backoff_max=args.backoff_max,
         ),
@@ -303,15 +307,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_body_bytes=args.max_body_bytes,
         exit_when_drained=args.exit_when_drained,
         contact_order=not args.unordered,
-        retain_delivered=_retention(args.retain_delivered),
+        retain_delivered=args.retain_delivered,
         allow_insecure_endpoint=args.allow_insecure_endpoint,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
-
-
-def _retention(text: str) -> dt.timedelta | None:
-    return None if text.strip().lower() in ("forever", "never", "off") else parse_duration(text)
 
 
 def _ma_key(args: argparse.Namespace) -> str:
@@ -388,6 +388,86 @@ def _open_input(path: str) -> IO[bytes]:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _FromEnvironment:
+    """An option that, when its flag is not given, comes from its OUTBOX_* variable."""
+
+    dest: str
+    variable: str
+    parse: Callable[[str], Any]
+    default: Any
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    default: Any = None,
+    parse: Callable[[str], Any] = str,
+    *,
+    switch: bool = False,
+    shown: str | None = None,
+) -> None:
+    """Add --flag, set by env OUTBOX_FLAG when not given; its help states range, default and variable."""
+    variable = env_variable(flag)
+    if shown is None:
+        shown = (
+            "off"
+            if switch
+            else number_text(default)
+            if isinstance(default, float | int)
+            else default
+        )
+    stated = [f"default {shown}", f"env {variable}"]
+    if flag in BOUNDS:
+        stated.insert(0, bounds_text(flag))
+    text = f"{help} ({'; '.join(stated)})"
+    if switch:
+        parser.add_argument(flag, action="store_true", default=None, help=text)
+        parse, default = _switch, False
+    else:
+        parser.add_argument(flag, type=parse, default=None, help=text)
+        if isinstance(default, str):
+            default = parse(default)
+    dest = flag[2:].replace("-", "_")
+    known = parser.get_default("from_environment") or ()
+    parser.set_defaults(from_environment=(*known, _FromEnvironment(dest, variable, parse, default)))
+
+
+def _apply_environment(args: argparse.Namespace) -> None:
+    """Fill each option whose flag was not given from its variable, else its default."""
+    for option in getattr(args, "from_environment", ()):
+        if getattr(args, option.dest) is not None:
+            continue  # the flag wins
+        text = os.environ.get(option.variable, "").strip()
+        try:
+            value = option.parse(text) if text else option.default
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise UsageError(f"{option.variable} {exc}") from None
+        setattr(args, option.dest, value)
+
+
+def _switch(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false (1 or 0), not {text!r}")
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return parse_duration(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(f"must be a duration: {exc}") from None
+
+
+def _retention(text: str) -> dt.timedelta | None:
+    if text.strip().lower() in ("forever", "never", "off"):
+        return None
+    return _duration(text)
+
+
 def _whole(text: str) -> int:
     """argparse's int, with a message; the range is Settings.check's."""
     try:
@@ -450,9 +530,11 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
     )
     keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument(
+    _option(
+        keyed,
         "--ma-key-file",
-        help="read the ma-key from this file (else env OUTBOX_MA_KEY; never a flag)",
+        "read the ma-key from this file; never from a flag",
+        shown="none: the key itself from env OUTBOX_MA_KEY",
     )
     sub = parser.add_subparsers(metavar="command")
 
@@ -466,62 +548,73 @@ def _parser() -> argparse.ArgumentParser:
     command("migrate", cmd_migrate, "bring the database to the newest schema")
 
     run = command("run", cmd_run, "the delivery daemon", parents=(common, keyed))
-    run.add_argument(
-        "--endpoint-url",
-        default=os.environ.get("OUTBOX_ENDPOINT_URL", DEFAULT_ENDPOINT_URL),
-        help="the track-event endpoint (env OUTBOX_ENDPOINT_URL; default %(default)s)",
-    )
-    run.add_argument("--exit-when-drained", action="store_true", help="exit 0 once nothing is due")
-    run.add_argument(
-        "--unordered",
-        action="store_true",
-        help="give up per-contact order (faster; for events whose order does not matter)",
-    )
     defaults, budget = Settings(), RetryBudget()
-
-    def number(flag: str, parse: Callable[[str], float], default: float | None, help: str) -> None:
-        run.add_argument(
-            flag,
-            type=parse,
-            default=default,
-            help=f"{help} ({bounds_text(flag)}; default {'off' if default is None else shown(default)})",
-        )
-
-    number(
-        "--max-attempts", _whole, budget.max_attempts, "charged attempts before an event is dead"
+    _option(run, "--endpoint-url", "the track-event endpoint", DEFAULT_ENDPOINT_URL)
+    _option(run, "--exit-when-drained", "exit 0 once nothing is due", switch=True)
+    _option(
+        run,
+        "--unordered",
+        "give up per-contact order, faster, for events whose order does not matter",
+        switch=True,
     )
-    run.add_argument("--max-age", default="3d", help="give up on an event this old (default 3d)")
-    number("--backoff-base", _finite, budget.backoff_base, "seconds before the first retry")
-    number("--backoff-max", _finite, budget.backoff_max, "longest wait between retries, seconds")
-    number("--concurrency", _whole, defaults.concurrency, "requests in flight at once")
-    number("--batch-size", _whole, defaults.batch_size, "rows claimed per statement")
-    number("--poll-interval", _finite, defaults.poll_interval, "seconds between polls")
-    number("--lease", _finite, defaults.lease, "seconds a claim lasts")
-    number("--rate-limit", _finite, defaults.rate_limit, "requests/s, 0 for none")
-    number("--timeout", _finite, defaults.timeout, "request timeout, seconds")
-    number(
-        "--shutdown-timeout",
-        _finite,
-        defaults.shutdown_timeout,
-        "seconds in-flight requests get at SIGTERM",
-    )
-    number("--max-body-bytes", _whole, MAX_BODY_BYTES, "largest request body")
-    run.add_argument(
-        "--retain-delivered",
-        default="7d",
-        help="prune delivered events older than this (default 7d; 'forever' keeps them)",
-    )
-    number(
-        "--metrics-port",
+    _option(
+        run,
+        "--max-attempts",
+        "charged attempts before an event is dead",
+        budget.max_attempts,
         _whole,
-        None,
-        "serve Prometheus /metrics and /livez, /readyz health checks on this port",
     )
-    run.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
-    run.add_argument(
+    _option(run, "--max-age", "give up on an event this old", "3d", _duration)
+    _option(run, "--backoff-base", "seconds before the first retry", budget.backoff_base, _finite)
+    _option(
+        run, "--backoff-max", "longest wait between retries, seconds", budget.backoff_max, _finite
+    )
+    _option(run, "--concurrency", "requests in flight at once", defaults.concurrency, _whole)
+    _option(run, "--batch-size", "rows claimed per statement", defaults.batch_size, _whole)
+    _option(
+        run,
+        "--poll-interval",
+        "seconds between polls when no wake-up comes",
+        defaults.poll_interval,
+        _finite,
+    )
+    _option(run, "--lease", "seconds a claim lasts", defaults.lease, _finite)
+    _option(
+        run,
+        "--rate-limit",
+        "requests per second across this daemon's senders, 0 for none",
+        defaults.rate_limit,
+        _finite,
+    )
+    _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
+    _option(
+        run,
+        "--shutdown-timeout",
+        "seconds in-flight requests get at SIGTERM",
+        defaults.shutdown_timeout,
+        _finite,
+    )
+    _option(run, "--max-body-bytes", "largest request body", defaults.max_body_bytes, _whole)
+    _option(
+        run,
+        "--retain-delivered",
+        "prune delivered events older than this, 'forever' keeps them",
+        "7d",
+        _retention,
+    )
+    _option(
+        run,
+        "--metrics-port",
+        "serve Prometheus /metrics and /livez, /readyz health checks on this port",
+        parse=_whole,
+        shown="off",
+    )
+    _option(run, "--metrics-host", "address for --metrics-port", defaults.metrics_host)
+    _option(
+        run,
         "--allow-insecure-endpoint",
-        action="store_true",
-        help="allow plain http to a host that is not loopback",
+        "allow plain http to a host that is not loopback",
+        switch=True,
     )
 
     enqueue = command("enqueue", cmd_enqueue, "add events from flags or a JSON Lines file")

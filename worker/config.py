@@ -45,19 +45,27 @@ BOUNDS: dict[str, tuple[float, float]] = {
 def bounds_text(flag: str) -> str:
     """The range of a flag as --help states it: '1 to 256'."""
     low, high = BOUNDS[flag]
-    return f"{shown(low)} to {shown(high)}"
+    return f"{number_text(low)} to {number_text(high)}"
 
 
-def shown(number: float) -> str:
+def env_variable(flag: str) -> str:
+    """The variable that sets a run flag when it is not given: --batch-size, OUTBOX_BATCH_SIZE."""
+    return "OUTBOX_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def number_text(number: float) -> str:
     """A number as a person writes it: 1048576, 0.05, nan (never 1.04858e+06)."""
     return str(int(number)) if math.isfinite(number) and number == int(number) else f"{number:g}"
 
 
-def check_number(flag: str, value: float) -> None:
+def check_number(flag: str, value: float, variable: str | None = None) -> None:
     """Refuse a value that is not finite or outside the flag's BOUNDS."""
     low, high = BOUNDS[flag]
     if not (math.isfinite(value) and low <= value <= high):
-        raise SettingsError(f"{flag} must be a number from {bounds_text(flag)}, not {shown(value)}")
+        named = f"{flag} (env {variable})" if variable else flag
+        raise SettingsError(
+            f"{named} must be a number from {bounds_text(flag)}, not {number_text(value)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +110,7 @@ class Settings:
         }
         for flag, value in numbers.items():
             if value is not None:
-                check_number(flag, value)
+                check_number(flag, value, env_variable(flag))
         if self.lease < 2 * self.timeout:
             raise SettingsError(
                 f"--lease ({self.lease:g}s) must be at least twice the request timeout"
