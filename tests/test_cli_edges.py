@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -345,3 +347,44 @@ def test_a_bad_value_from_the_environment_exits_2_naming_the_variable(
     result = cli(sqlite_url, "run", env=keyed(**{variable: value}), timeout=30)
     line = assert_one_line_error(result, 2)
     assert variable in line
+
+
+# -- a busy port is one sentence naming it ------------------------------------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port some other program is listening on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_a_busy_metrics_port_exits_2_naming_the_port(sqlite_url, busy_port) -> None:
+    result = cli(
+        sqlite_url,
+        *FAST_RUN,
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        str(busy_port),
+        env={"OUTBOX_MA_KEY": KEY},
+    )
+    line = assert_one_line_error(result, 2)
+    assert f"port {busy_port}" in line and "already in use" in line and "--metrics-port" in line
+    assert "Errno" not in line
+
+
+def test_a_busy_sink_port_exits_2_naming_the_port(busy_port) -> None:
+    result = run_cli("sink", "--port", str(busy_port), env={"OUTBOX_MA_KEY": KEY}, timeout=20)
+    line = assert_one_line_error(result, 2)
+    assert f"port {busy_port}" in line and "already in use" in line and "--port" in line
+    assert "Errno" not in line
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "99999"])
+def test_a_sink_port_out_of_range_exits_2(port) -> None:
+    result = run_cli("sink", f"--port={port}", env={"OUTBOX_MA_KEY": KEY}, timeout=20)
+    line = assert_one_line_error(result, 2)
+    assert "--port" in line and "0 to 65535" in line

@@ -7,8 +7,10 @@ Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import math
@@ -16,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -139,7 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     telemetry = Telemetry()
     if settings.metrics_port is not None:
-        server = TelemetryServer(telemetry, settings.metrics_port, settings.metrics_host).start()
+        with _listening(
+            settings.metrics_host, settings.metrics_port, "--metrics-host", "--metrics-port"
+        ):
+            server = TelemetryServer(telemetry, settings.metrics_port, settings.metrics_host)
+        server.start()
         logging.getLogger("worker").info(
             "metrics on http://%s:%d/metrics (health: /livez, /readyz)",
             settings.metrics_host,
@@ -262,8 +268,10 @@ def cmd_sink(args: argparse.Namespace) -> int:
     if not key:
         raise UsageError("the sink needs the key it accepts: set OUTBOX_MA_KEY or --ma-key-file")
     check_ma_key(key)  # the key the daemon will send: the same rules
+    check_number("--port", args.port)
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
-    sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
+    with _listening(args.host, args.port, "--host", "--port"):
+        sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
     print(f"sink listening on {sink.url}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -326,6 +334,23 @@ def _ma_key(args: argparse.Namespace) -> str:
                 "--ma-key-file is not UTF-8 text: it must hold the key alone, as plain text"
             ) from None
     return os.environ.get("OUTBOX_MA_KEY", "").strip()
+
+
+@contextlib.contextmanager
+def _listening(host: str, port: int, host_flag: str, port_flag: str) -> Iterator[None]:
+    """Turn a server's failure to bind into one line naming the port and the flag that sets it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"port {port} on {host} is already in use by another program: stop it,"
+                f" or choose another {port_flag}"
+            ) from None
+        raise UsageError(
+            f"cannot listen on {host} port {port} ({exc.strerror or exc}): check {host_flag}"
+            f" and {port_flag}"
+        ) from None
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -664,7 +689,12 @@ def _parser() -> argparse.ArgumentParser:
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
     )
     sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=8080)
+    sink.add_argument(
+        "--port",
+        type=_whole,
+        default=8080,
+        help=f"{bounds_text('--port')}, 0 for any free port (default 8080)",
+    )
     sink.add_argument("--refuse-event", action="append", help="answer 400 to events of this name")
     sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
 

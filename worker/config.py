@@ -38,6 +38,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "--backoff-base": (0.01, 86400),
     "--backoff-max": (0.01, 7 * 86400),
     "--metrics-port": (1, 65535),
+    "--port": (0, 65535),  # sink; 0 picks a free one
     "--interval": (0.01, 3600),  # stats --watch
 }
 
