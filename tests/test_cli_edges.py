@@ -24,6 +24,7 @@ from tests.test_cli import (
     query,
     start_sink,
 )
+from worker import db
 
 
 def test_version_prints_the_version() -> None:
@@ -388,3 +389,40 @@ def test_a_sink_port_out_of_range_exits_2(port) -> None:
     result = run_cli("sink", f"--port={port}", env={"OUTBOX_MA_KEY": KEY}, timeout=20)
     line = assert_one_line_error(result, 2)
     assert "--port" in line and "0 to 65535" in line
+
+
+# -- migrate is safe to run concurrently -------------------------------------------------------
+
+
+def test_three_migrates_started_at_once_all_succeed_and_migrate_once(empty_url) -> None:
+    # As in a deploy whose every replica runs `migrate` in its init container.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "worker", "migrate", "--database-url", empty_url],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [(proc.wait(timeout=120), *proc.communicate()) for proc in procs]
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    outputs = sorted(out for _, out, _ in results)
+    assert sum("migrated from empty" in out for out in outputs) == 1, outputs
+    assert sum("already at" in out for out in outputs) == 2, outputs
+    current, head = schema_revision_of(empty_url)
+    assert current == head
+    engine = db.create_engine(empty_url)
+    try:
+        assert {"outbox_events", "outbox_attempts"} <= set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def schema_revision_of(url: str) -> tuple[str | None, str]:
+    engine = db.create_engine(url)
+    try:
+        return db.schema_revision(engine)
+    finally:
+        engine.dispose()

@@ -109,10 +109,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # validation as a bad value, not fail the whole claim with a decode error.
     dbapi_connection.text_factory = _decode_leniently
     cursor = dbapi_connection.cursor()
-    # WAL lets the application write while the daemon reads; the busy timeout
-    # turns "database is locked" into a short wait.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout turns "database is locked" into a short wait, so it comes
+    # first: switching a new file to WAL waits for another process's migration.
+    # WAL lets the application write while the daemon reads.
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -135,11 +136,32 @@ def migrate(engine: sa.Engine, revision: str = "head") -> tuple[str | None, str 
     """
     config = _alembic_config()
     with engine.begin() as connection:
+        lock_migrations(connection)
         before = _revision(connection)
         _refuse_newer(before)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
         return before, _revision(connection)
+
+
+# The advisory lock `migrate` holds (unlike the maintenance leader's key in store.py).
+MIGRATION_LOCK_KEY = 0x6F75_7462_6F78_6D67  # "outboxmg"
+
+
+def lock_migrations(connection: sa.Connection) -> None:
+    """Hold the database's migration lock until this transaction ends; call it first.
+
+    Replicas that each run `migrate` at start then take turns: the first
+    migrates, the others wait and find the schema current. PostgreSQL's lock is
+    transaction-scoped (a pooler cannot hand it to another client); SQLite's is
+    the write lock, taken at once by BEGIN IMMEDIATE.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+        )
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def schema_revision(engine: sa.Engine) -> tuple[str | None, str]:
