@@ -426,3 +426,9 @@ def schema_revision_of(url: str) -> tuple[str | None, str]:
         return db.schema_revision(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("flag", ["--max-age", "--retain-delivered"])
+def test_a_duration_longer_than_any_can_be_exits_2(flag, sqlite_url) -> None:
+    result = cli(sqlite_url, *FAST_RUN, f"{flag}=99999999999d", env={"OUTBOX_MA_KEY": KEY})
+    assert_usage_error_naming(result, flag)
