@@ -61,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        _apply_environment(args)
         _check_logging_flags(args)
         key = _ma_key(args) if hasattr(args, "ma_key_file") else os.environ.get("OUTBOX_MA_KEY")
         output.configure_logging(args.log_level, args.log_format, secrets=[key] if key else [])
@@ -436,13 +435,7 @@ def _option(
     """Add --flag, set by env OUTBOX_FLAG when not given; its help states range, default and variable."""
     variable = env_variable(flag)
     if shown is None:
-        shown = (
-            "off"
-            if switch
-            else number_text(default)
-            if isinstance(default, float | int)
-            else default
-        )
+        shown = "off" if switch else default if isinstance(default, str) else number_text(default)
     stated = [f"default {shown}", f"env {variable}"]
     if flag in BOUNDS:
         stated.insert(0, bounds_text(flag))
@@ -459,17 +452,25 @@ def _option(
     parser.set_defaults(from_environment=(*known, _FromEnvironment(dest, variable, parse, default)))
 
 
-def _apply_environment(args: argparse.Namespace) -> None:
-    """Fill each option whose flag was not given from its variable, else its default."""
-    for option in getattr(args, "from_environment", ()):
-        if getattr(args, option.dest) is not None:
-            continue  # the flag wins
-        text = os.environ.get(option.variable, "").strip()
-        try:
-            value = option.parse(text) if text else option.default
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            raise UsageError(f"{option.variable} {exc}") from None
-        setattr(args, option.dest, value)
+class _Parser(argparse.ArgumentParser):
+    """argparse, then each option whose flag was not given from its variable, else its default.
+
+    Done here, not in main, so that every parse (the subcommands' too) gives a
+    complete namespace, and a bad variable is refused like a bad flag.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for option in getattr(parsed, "from_environment", ()):
+            if getattr(parsed, option.dest, None) is not None:
+                continue  # the flag wins
+            text = os.environ.get(option.variable, "").strip()
+            try:
+                value = option.parse(text) if text else option.default
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                self.error(f"{option.variable} {exc}")
+            setattr(parsed, option.dest, value)
+        return parsed, extras
 
 
 def _switch(text: str) -> bool:
@@ -531,7 +532,7 @@ class _Version(argparse.Action):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="outbox-worker",
         description="Deliver the outbox_events table to the track-event endpoint.",
     )

@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 BOUNDS: dict[str, tuple[float, float]] = {
     "--concurrency": (1, 256),  # one thread and one connection each
     "--batch-size": (1, 1000),
-    "--max-attempts": (1, 1000),
+    "--max-attempts": (1, 1_000_000),
     "--max-body-bytes": (1, 1024 * 1024),
     "--poll-interval": (0.01, 3600),
     "--lease": (0.1, 86400),
