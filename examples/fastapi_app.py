@@ -2,12 +2,13 @@
 `signed_up` event commit together, or neither does.
 
     export SIGNUPS_DATABASE_URL=sqlite+aiosqlite:///signups.db   # or postgresql+psycopg://...
-    outbox-worker migrate --database-url sqlite:///signups.db      # the same database, sync URL
-    uvicorn --factory examples.fastapi_app:create_app
+    .venv/bin/outbox-worker migrate --database-url sqlite:///signups.db  # the same file, sync URL
+    .venv/bin/uvicorn --app-dir examples --factory fastapi_app:create_app
     curl -X POST localhost:8000/signups -H 'content-type: application/json' \
          -d '{"email": "jane@example.com", "plan": "pro"}'
 
-`outbox-worker run` (with OUTBOX_DATABASE_URL set to the same database) delivers the event.
+`.venv/bin/outbox-worker run` (with OUTBOX_DATABASE_URL set to the same database) delivers
+the event. Installed by `.venv/bin/pip install -e '.[examples]'` (see examples/README.md).
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoint's annotations

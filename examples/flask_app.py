@@ -1,12 +1,13 @@
 """A minimal Flask shop: an order and its `order_completed` event commit together, or neither does.
 
     export SHOP_DATABASE_URL=sqlite:///$PWD/shop.db  # or postgresql+psycopg://user@host/shop
-    outbox-worker migrate --database-url "$SHOP_DATABASE_URL"
-    flask --app examples/flask_app.py run
+    .venv/bin/outbox-worker migrate --database-url "$SHOP_DATABASE_URL"
+    .venv/bin/flask --app examples/flask_app.py run
     curl -X POST localhost:5000/orders -H 'content-type: application/json' \
          -d '{"email": "jane@example.com", "product": "Wrist watch", "price": "50.00"}'
 
-`outbox-worker run` (with OUTBOX_DATABASE_URL set to the same database) delivers the event.
+`.venv/bin/outbox-worker run` (with OUTBOX_DATABASE_URL set to the same database) delivers
+the event. Installed by `.venv/bin/pip install -e '.[examples]'` (see examples/README.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ application with an Alembic history of its own can share the database.
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from worker.db import VERSION_TABLE, normalize_url
+from worker.db import VERSION_TABLE, lock_migrations, normalize_url
 from worker.schema import metadata
 
 config = context.config
@@ -31,5 +31,7 @@ else:
     section = config.get_section(config.config_ini_section, {})
     section["sqlalchemy.url"] = normalize_url(section["sqlalchemy.url"])
     engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
-    with engine.connect() as conn:
+    # One transaction under the migration lock, as `outbox-worker migrate` takes it.
+    with engine.begin() as conn:
+        lock_migrations(conn)
         run_migrations(conn)

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from flask.testing import FlaskClient
@@ -27,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tests.conftest import deliver, rows
 from tests.endpoint import Endpoint
-from tests.pgserver import find_bin_dir
+from tests.pgserver import find_bin_dir, free_port
 from worker import InvalidEvent, db
 from worker import asyncio as outbox_async
 
@@ -371,3 +377,101 @@ def test_async_track_event_refuses_a_sync_session(engine: sa.Engine) -> None:
 
     with pytest.raises(TypeError, match="AsyncSession"):
         asyncio.run(scenario())
+
+
+# -- examples/README.md: its commands run as printed -------------------------------
+
+README = EXAMPLES / "README.md"
+# What the README may call without the project's .venv: the shell and common tools.
+SYSTEM_COMMANDS = {"export", "cat", "curl", "psql", "cd", "python3"}
+
+
+def readme_commands() -> list[str]:
+    """Each command of the README's sh blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text("utf-8"), re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    lines = (line.split(" #")[0].strip() for line in joined.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def programs(command: str) -> list[str]:
+    """The programs one line runs: the first word of each `&&` part, past VAR=value words."""
+    found = []
+    for part in command.split("&&"):
+        words = [w for w in shlex.split(part) if not re.match(r"^[A-Z_]+=", w)]
+        if words:
+            found.append(words[0])
+    return found
+
+
+def test_every_readme_command_is_installed_by_the_readmes_install() -> None:
+    venv_bin = Path(sys.prefix) / "bin"
+    called = {program for command in readme_commands() for program in programs(command)}
+    assert ".venv/bin/uvicorn" in called
+    for program in called - SYSTEM_COMMANDS:
+        assert program.startswith(".venv/bin/"), f"{program} is not in .venv: call .venv/bin/..."
+        assert (venv_bin / program.removeprefix(".venv/bin/")).exists(), program
+
+
+def test_the_readmes_install_brings_every_extra_it_names() -> None:
+    install = next(c for c in readme_commands() if "pip install" in c)
+    extras = re.search(r"\.\[([\w,-]+)\]", install)
+    assert extras, install
+    requires = metadata.requires("outbox-worker") or []
+    wanted = [
+        req
+        for name in extras.group(1).split(",")
+        for req in requires
+        if re.search(rf"extra == .{name}.", req)
+    ]
+    assert any(req.startswith("uvicorn") for req in wanted), wanted
+
+
+def test_the_fastapi_example_serves_with_the_readmes_uvicorn_command(tmp_path: Path) -> None:
+    # The README's own lines, run from a folder laid out like the repository root.
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    commands = readme_commands()
+    migrate = next(c for c in commands if "migrate" in c and "signups.db" in c)
+    serve = next(c for c in commands if c.startswith(".venv/bin/uvicorn"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "SIGNUPS_"))},
+        "SIGNUPS_DATABASE_URL": "sqlite+aiosqlite:///signups.db",
+    }
+    done = subprocess.run(
+        migrate, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        f"exec {serve} --port {port}",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answer = post_when_up(f"http://127.0.0.1:{port}/signups", SIGNUP, server)
+        assert answer.status_code == 201, answer.text
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'signups.db'}")
+    try:
+        assert [(r.email, r.event) for r in rows(engine)] == [("jane@example.com", "signed_up")]
+    finally:
+        engine.dispose()
+
+
+def post_when_up(url: str, body: Any, server: subprocess.Popen[str]) -> requests.Response:
+    """POST once the server listens; fail with its output if it exits first."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return requests.post(url, json=body, timeout=10)
+        except requests.ConnectionError:
+            assert server.poll() is None, server.communicate()[1]
+            assert time.monotonic() < deadline, "the server never listened"
+            time.sleep(0.1)

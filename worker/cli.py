@@ -7,14 +7,18 @@ Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -23,11 +27,17 @@ import sqlalchemy as sa
 
 from worker import db, output
 from worker.config import (
+    BOUNDS,
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
     DRAINED_DATABASE_WAIT,
     Settings,
     SettingsError,
+    bounds_text,
+    check_ma_key,
+    check_number,
+    env_variable,
+    number_text,
     parse_duration,
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
@@ -109,10 +119,9 @@ def _check_logging_flags(args: argparse.Namespace) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     engine = db.create_engine(args.database_url)
-    before, head = db.schema_revision(engine)
-    db.migrate(engine)
-    state = "already at" if before == head else f"migrated from {before or 'empty'} to"
-    print(f"{db.redact(args.database_url)}: {state} revision {head}")
+    before, after = db.migrate(engine)
+    state = "already at" if before == after else f"migrated from {before or 'empty'} to"
+    print(f"{db.redact(args.database_url)}: {state} revision {after}")
     return 0
 
 
@@ -131,11 +140,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         pool_size=settings.concurrency,
     )
     telemetry = Telemetry()
-    if args.metrics_port is not None:
-        server = TelemetryServer(telemetry, args.metrics_port, args.metrics_host).start()
+    if settings.metrics_port is not None:
+        with _listening(
+            settings.metrics_host, settings.metrics_port, "--metrics-host", "--metrics-port"
+        ):
+            server = TelemetryServer(telemetry, settings.metrics_port, settings.metrics_host)
+        server.start()
         logging.getLogger("worker").info(
             "metrics on http://%s:%d/metrics (health: /livez, /readyz)",
-            args.metrics_host,
+            settings.metrics_host,
             server.port,
         )
     daemon = Daemon(settings, OutboxStore(engine), deliverer, telemetry)
@@ -201,6 +214,7 @@ def _ids(ids: list[int]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    check_number("--interval", args.interval)
     store = _store(args)
     try:
         while True:
@@ -253,8 +267,11 @@ def cmd_sink(args: argparse.Namespace) -> int:
     key = _ma_key(args)
     if not key:
         raise UsageError("the sink needs the key it accepts: set OUTBOX_MA_KEY or --ma-key-file")
+    check_ma_key(key)  # the key the daemon will send: the same rules
+    check_number("--port", args.port)
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
-    sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
+    with _listening(args.host, args.port, "--host", "--port"):
+        sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
     print(f"sink listening on {sink.url}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -284,7 +301,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ma_key=_ma_key(args),
         budget=RetryBudget(
             max_attempts=args.max_attempts,
-            max_age=parse_duration(args.max_age),
+            max_age=args.max_age,
             backoff_base=args.backoff_base,
             backoff_max=args.backoff_max,
         ),
@@ -299,13 +316,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         exit_when_drained=args.exit_when_drained,
         database_wait=args.database_wait,
         contact_order=not args.unordered,
-        retain_delivered=_retention(args.retain_delivered),
+        retain_delivered=args.retain_delivered,
         allow_insecure_endpoint=args.allow_insecure_endpoint,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
-
-
-def _retention(text: str) -> dt.timedelta | None:
-    return None if text.strip().lower() in ("forever", "never", "off") else parse_duration(text)
 
 
 def _ma_key(args: argparse.Namespace) -> str:
@@ -315,7 +330,28 @@ def _ma_key(args: argparse.Namespace) -> str:
             return Path(args.ma_key_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise UsageError(f"cannot read --ma-key-file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(
+                "--ma-key-file is not UTF-8 text: it must hold the key alone, as plain text"
+            ) from None
     return os.environ.get("OUTBOX_MA_KEY", "").strip()
+
+
+@contextlib.contextmanager
+def _listening(host: str, port: int, host_flag: str, port_flag: str) -> Iterator[None]:
+    """Turn a server's failure to bind into one line naming the port and the flag that sets it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"port {port} on {host} is already in use by another program: stop it,"
+                f" or choose another {port_flag}"
+            ) from None
+        raise UsageError(
+            f"cannot listen on {host} port {port} ({exc.strerror or exc}): check {host_flag}"
+            f" and {port_flag}"
+        ) from None
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -378,6 +414,107 @@ def _open_input(path: str) -> IO[bytes]:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _FromEnvironment:
+    """An option that, when its flag is not given, comes from its OUTBOX_* variable."""
+
+    dest: str
+    variable: str
+    parse: Callable[[str], Any]
+    default: Any
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    default: Any = None,
+    parse: Callable[[str], Any] = str,
+    *,
+    switch: bool = False,
+    shown: str | None = None,
+) -> None:
+    """Add --flag, set by env OUTBOX_FLAG when not given; its help states range, default and variable."""
+    variable = env_variable(flag)
+    if shown is None:
+        shown = "off" if switch else default if isinstance(default, str) else number_text(default)
+    stated = [f"default {shown}", f"env {variable}"]
+    if flag in BOUNDS:
+        stated.insert(0, bounds_text(flag))
+    text = f"{help} ({'; '.join(stated)})"
+    if switch:
+        parser.add_argument(flag, action="store_true", default=None, help=text)
+        parse, default = _switch, False
+    else:
+        parser.add_argument(flag, type=parse, default=None, help=text)
+        if isinstance(default, str):
+            default = parse(default)
+    dest = flag[2:].replace("-", "_")
+    known = parser.get_default("from_environment") or ()
+    parser.set_defaults(from_environment=(*known, _FromEnvironment(dest, variable, parse, default)))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, then each option whose flag was not given from its variable, else its default.
+
+    Done here, not in main, so that every parse (the subcommands' too) gives a
+    complete namespace, and a bad variable is refused like a bad flag.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for option in getattr(parsed, "from_environment", ()):
+            if getattr(parsed, option.dest, None) is not None:
+                continue  # the flag wins
+            text = os.environ.get(option.variable, "").strip()
+            try:
+                value = option.parse(text) if text else option.default
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                self.error(f"{option.variable} {exc}")
+            setattr(parsed, option.dest, value)
+        return parsed, extras
+
+
+def _switch(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false (1 or 0), not {text!r}")
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return parse_duration(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(f"must be a duration: {exc}") from None
+
+
+def _retention(text: str) -> dt.timedelta | None:
+    if text.strip().lower() in ("forever", "never", "off"):
+        return None
+    return _duration(text)
+
+
+def _whole(text: str) -> int:
+    """argparse's int, with a message; the range is Settings.check's."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    """A number of seconds or a rate: float() takes 'nan' and 'inf', which no setting can use."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -397,7 +534,7 @@ class _Version(argparse.Action):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="outbox-worker",
         description="Deliver the outbox_events table to the track-event endpoint.",
     )
@@ -421,9 +558,11 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
     )
     keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument(
+    _option(
+        keyed,
         "--ma-key-file",
-        help="read the ma-key from this file (else env OUTBOX_MA_KEY; never a flag)",
+        "read the ma-key from this file; never from a flag",
+        shown="none: the key itself from env OUTBOX_MA_KEY",
     )
     sub = parser.add_subparsers(metavar="command")
 
@@ -437,57 +576,80 @@ def _parser() -> argparse.ArgumentParser:
     command("migrate", cmd_migrate, "bring the database to the newest schema")
 
     run = command("run", cmd_run, "the delivery daemon", parents=(common, keyed))
-    run.add_argument(
-        "--endpoint-url",
-        default=os.environ.get("OUTBOX_ENDPOINT_URL", DEFAULT_ENDPOINT_URL),
-        help="the track-event endpoint (env OUTBOX_ENDPOINT_URL; default %(default)s)",
-    )
-    run.add_argument("--exit-when-drained", action="store_true", help="exit 0 once nothing is due")
-    run.add_argument(
-        "--database-wait",
-        type=float,
-        default=os.environ.get("OUTBOX_DATABASE_WAIT"),
-        help="seconds to wait for a database that does not answer, then exit 1 (env"
-        f" OUTBOX_DATABASE_WAIT; default: for ever, {DRAINED_DATABASE_WAIT:g} with"
-        " --exit-when-drained)",
-    )
-    run.add_argument(
-        "--unordered",
-        action="store_true",
-        help="give up per-contact order (faster; for events whose order does not matter)",
-    )
     defaults, budget = Settings(), RetryBudget()
-    run.add_argument("--max-attempts", type=_positive_int, default=budget.max_attempts)
-    run.add_argument("--max-age", default="3d", help="give up on an event this old (default 3d)")
-    run.add_argument("--backoff-base", type=float, default=budget.backoff_base, help="seconds")
-    run.add_argument("--backoff-max", type=float, default=budget.backoff_max, help="seconds")
-    run.add_argument("--concurrency", type=_positive_int, default=defaults.concurrency)
-    run.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    run.add_argument("--poll-interval", type=float, default=defaults.poll_interval, help="seconds")
-    run.add_argument("--lease", type=float, default=defaults.lease, help="seconds a claim lasts")
-    run.add_argument(
-        "--rate-limit", type=float, default=defaults.rate_limit, help="requests/s, 0 for none"
+    _option(run, "--endpoint-url", "the track-event endpoint", DEFAULT_ENDPOINT_URL)
+    _option(run, "--exit-when-drained", "exit 0 once nothing is due", switch=True)
+    _option(
+        run,
+        "--database-wait",
+        "seconds to wait for a database that does not answer, then exit 1",
+        parse=_finite,
+        shown=f"for ever; {DRAINED_DATABASE_WAIT:g} with --exit-when-drained",
     )
-    run.add_argument(
-        "--timeout", type=float, default=defaults.timeout, help="request timeout, seconds"
+    _option(
+        run,
+        "--unordered",
+        "give up per-contact order, faster, for events whose order does not matter",
+        switch=True,
     )
-    run.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
-    run.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
-    run.add_argument(
+    _option(
+        run,
+        "--max-attempts",
+        "charged attempts before an event is dead",
+        budget.max_attempts,
+        _whole,
+    )
+    _option(run, "--max-age", "give up on an event this old", "3d", _duration)
+    _option(run, "--backoff-base", "seconds before the first retry", budget.backoff_base, _finite)
+    _option(
+        run, "--backoff-max", "longest wait between retries, seconds", budget.backoff_max, _finite
+    )
+    _option(run, "--concurrency", "requests in flight at once", defaults.concurrency, _whole)
+    _option(run, "--batch-size", "rows claimed per statement", defaults.batch_size, _whole)
+    _option(
+        run,
+        "--poll-interval",
+        "seconds between polls when no wake-up comes",
+        defaults.poll_interval,
+        _finite,
+    )
+    _option(run, "--lease", "seconds a claim lasts", defaults.lease, _finite)
+    _option(
+        run,
+        "--rate-limit",
+        "requests per second across this daemon's senders, 0 for none",
+        defaults.rate_limit,
+        _finite,
+    )
+    _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
+    _option(
+        run,
+        "--shutdown-timeout",
+        "seconds in-flight requests get at SIGTERM",
+        defaults.shutdown_timeout,
+        _finite,
+    )
+    _option(run, "--max-body-bytes", "largest request body", defaults.max_body_bytes, _whole)
+    _option(
+        run,
         "--retain-delivered",
-        default="7d",
-        help="prune delivered events older than this (default 7d; 'forever' keeps them)",
+        "prune delivered events older than this, 'forever' keeps them",
+        "7d",
+        _retention,
     )
-    run.add_argument(
+    _option(
+        run,
         "--metrics-port",
-        type=int,
-        help="serve Prometheus /metrics and /livez, /readyz health checks on this port",
+        "serve Prometheus /metrics and /livez, /readyz health checks on this port",
+        parse=_whole,
+        shown="off",
     )
-    run.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
-    run.add_argument(
+    _option(run, "--metrics-host", "address for --metrics-port", defaults.metrics_host)
+    _option(
+        run,
         "--allow-insecure-endpoint",
-        action="store_true",
-        help="allow plain http to a host that is not loopback",
+        "allow plain http to a host that is not loopback",
+        switch=True,
     )
 
     enqueue = command("enqueue", cmd_enqueue, "add events from flags or a JSON Lines file")
@@ -503,7 +665,12 @@ def _parser() -> argparse.ArgumentParser:
     stats = command("stats", cmd_stats, "counts by status, backlog age, recent throughput")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    stats.add_argument(
+        "--interval",
+        type=_finite,
+        default=1.0,
+        help=f"seconds between refreshes ({bounds_text('--interval')}; default 1)",
+    )
 
     dead = sub.add_parser("dead-letters", help="inspect and replay what failed")
     dead_sub = dead.add_subparsers(metavar="action")
@@ -532,7 +699,12 @@ def _parser() -> argparse.ArgumentParser:
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
     )
     sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=8080)
+    sink.add_argument(
+        "--port",
+        type=_whole,
+        default=8080,
+        help=f"{bounds_text('--port')}, 0 for any free port (default 8080)",
+    )
     sink.add_argument("--refuse-event", action="append", help="answer 400 to events of this name")
     sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
 

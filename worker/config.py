@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import math
 import re
 from urllib.parse import urlsplit
 
@@ -18,13 +19,58 @@ MIN_KEY_LENGTH = 8
 # A script or cron job running `run --exit-when-drained` gives up on a database
 # that stays away this long (seconds) rather than hang; the daemon waits for ever.
 DRAINED_DATABASE_WAIT = 60.0
-# The shortest claim lease (seconds): renewed every third of it, it must outlast
-# a slow statement or two.
-MIN_LEASE = 1.0
 
 
 class SettingsError(ValueError):
     """A setting that cannot work; the message says which and what to do."""
+
+
+# Every number a flag sets, lowest and highest, checked in one place (Settings.check,
+# check_number) and stated in --help: outside them a setting spins a core, hangs
+# the process or never sends (nan and inf are outside every range).
+BOUNDS: dict[str, tuple[float, float]] = {
+    "--concurrency": (1, 256),  # one thread and one connection each
+    "--batch-size": (1, 1000),
+    "--max-attempts": (1, 1_000_000),
+    "--max-body-bytes": (1, 1024 * 1024),
+    "--poll-interval": (0.01, 3600),
+    "--lease": (1, 86400),  # renewed every third of it: it must outlast a slow statement
+    "--timeout": (0.1, 3600),
+    "--shutdown-timeout": (0, 3600),
+    "--rate-limit": (0, 10000),  # 0 is no limit
+    "--backoff-base": (0.01, 86400),
+    "--backoff-max": (0.01, 7 * 86400),
+    "--metrics-port": (1, 65535),
+    "--port": (0, 65535),  # sink; 0 picks a free one
+    "--interval": (0.01, 3600),  # stats --watch
+    "--database-wait": (0.1, 7 * 86400),
+}
+
+
+def bounds_text(flag: str) -> str:
+    """The range of a flag as --help states it: '1 to 256'."""
+    low, high = BOUNDS[flag]
+    return f"{number_text(low)} to {number_text(high)}"
+
+
+def env_variable(flag: str) -> str:
+    """The variable that sets a run flag when it is not given: --batch-size, OUTBOX_BATCH_SIZE."""
+    return "OUTBOX_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def number_text(number: float) -> str:
+    """A number as a person writes it: 1048576, 0.05, nan (never 1.04858e+06)."""
+    return str(int(number)) if math.isfinite(number) and number == int(number) else f"{number:g}"
+
+
+def check_number(flag: str, value: float, variable: str | None = None) -> None:
+    """Refuse a value that is not finite or outside the flag's BOUNDS."""
+    low, high = BOUNDS[flag]
+    if not (math.isfinite(value) and low <= value <= high):
+        named = f"{flag} (env {variable})" if variable else flag
+        raise SettingsError(
+            f"{named} must be a number from {bounds_text(flag)}, not {number_text(value)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +95,8 @@ class Settings:
     contact_order: bool = True  # False: faster, for streams whose order does not matter
     retain_delivered: dt.timedelta | None = dt.timedelta(days=7)  # None: keep them all
     allow_insecure_endpoint: bool = False
+    metrics_port: int | None = None  # None: no metrics server
+    metrics_host: str = "0.0.0.0"
 
     def database_patience(self) -> float | None:
         """How long the daemon waits out a database that does not answer (None: for ever)."""
@@ -58,38 +106,50 @@ class Settings:
 
     def check(self) -> Settings:
         """Refuse settings that cannot work, with the reason."""
-        if not self.ma_key:
-            raise SettingsError(
-                "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
-            )
-        if len(self.ma_key) < MIN_KEY_LENGTH:
-            raise SettingsError(
-                f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
-                " key: check OUTBOX_MA_KEY or --ma-key-file"
-            )
-        if any(c in self.ma_key for c in "\r\n"):
-            raise SettingsError("the ma-key contains a line break: check OUTBOX_MA_KEY")
+        check_ma_key(self.ma_key)
         check_endpoint_url(self.endpoint_url, self.allow_insecure_endpoint)
-        for name in ("concurrency", "batch_size", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("poll_interval", "lease", "timeout"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"--{name.replace('_', '-')} must be more than 0 seconds")
-        if self.rate_limit < 0:
-            raise SettingsError("--rate-limit must be 0 (no limit) or more")
-        if self.lease < MIN_LEASE:
-            raise SettingsError(
-                f"--lease ({self.lease:g}s) must be at least {MIN_LEASE:g}s: a live daemon"
-                " renews its claims three times a lease"
-            )
-        if self.database_wait is not None and self.database_wait <= 0:
-            raise SettingsError("--database-wait must be more than 0 seconds")
-        if self.budget.max_attempts < 1:
-            raise SettingsError("--max-attempts must be at least 1")
-        if self.budget.backoff_base <= 0 or self.budget.backoff_max < self.budget.backoff_base:
-            raise SettingsError("--backoff-base must be > 0 and no more than --backoff-max")
+        numbers = {
+            "--concurrency": self.concurrency,
+            "--batch-size": self.batch_size,
+            "--max-body-bytes": self.max_body_bytes,
+            "--poll-interval": self.poll_interval,
+            "--lease": self.lease,
+            "--timeout": self.timeout,
+            "--shutdown-timeout": self.shutdown_timeout,
+            "--rate-limit": self.rate_limit,
+            "--max-attempts": self.budget.max_attempts,
+            "--backoff-base": self.budget.backoff_base,
+            "--backoff-max": self.budget.backoff_max,
+            "--metrics-port": self.metrics_port,
+            "--database-wait": self.database_wait,
+        }
+        for flag, value in numbers.items():
+            if value is not None:
+                check_number(flag, value, env_variable(flag))
+        if self.budget.backoff_max < self.budget.backoff_base:
+            raise SettingsError("--backoff-base must be no more than --backoff-max")
         return self
+
+
+def check_ma_key(key: str) -> None:
+    """A key that can be real and can be sent as an HTTP header value; the message never shows it."""
+    if not key:
+        raise SettingsError(
+            "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
+        )
+    if len(key) < MIN_KEY_LENGTH:
+        raise SettingsError(
+            f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
+            " key: check OUTBOX_MA_KEY or --ma-key-file"
+        )
+    # Header values are latin-1 on the wire and refuse line breaks; real keys are
+    # printable ASCII, so anything else (a Cyrillic letter, a tab) is a paste error.
+    for position, char in enumerate(key, start=1):
+        if not " " <= char <= "~":
+            raise SettingsError(
+                f"the ma-key cannot be sent as an HTTP header: its character {position} is not"
+                " printable ASCII (check OUTBOX_MA_KEY or --ma-key-file)"
+            )
 
 
 def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
@@ -122,4 +182,7 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION.fullmatch(text)
     if not match:
         raise SettingsError(f"{text!r} is not a duration: use e.g. 30s, 15m, 12h or 7d")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise SettingsError(f"{text!r} is longer than any duration can be") from None
