@@ -61,6 +61,7 @@ from worker.delivery import Deliverer
 from worker.event import MAX_BODY_BYTES
 from worker.schema import outbox_attempts, outbox_events
 from worker.store import OutboxStore
+from worker.when import MAX_DURATION
 
 e = outbox_events
 LIMIT = MAX_BODY_BYTES  # 64 KiB, the documented default
@@ -852,6 +853,10 @@ def judge_deliver_after(value: Any) -> int:
         except (OverflowError, ValueError):
             return MAYBE  # its UTC time is before year 1 or after 9999
         return OK
+    if isinstance(value, (int, float)):  # seconds, as JSON Lines give them
+        return OK if 0 <= value <= MAX_DURATION.total_seconds() else BAD  # NaN: BAD
+    if isinstance(value, str):
+        return MAYBE  # a duration or a timestamp: tests/test_when.py says which
     return BAD
 
 
@@ -888,6 +893,8 @@ def test_deliver_after_is_applied_or_refused(engine, statements, deliver_after, 
         ).one()
     if deliver_after is None:
         assert due == created
+    elif isinstance(deliver_after, (int, float)):
+        assert abs((due - created).total_seconds() - deliver_after) < 1
     elif isinstance(deliver_after, dt.timedelta):
         assert abs((due - created) - deliver_after) < dt.timedelta(seconds=1)
     else:

@@ -27,10 +27,10 @@ from worker.config import (
     DEFAULT_ENDPOINT_URL,
     Settings,
     SettingsError,
-    parse_duration,
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
+from worker.when import InvalidTime, parse_duration, parse_when
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`stats | head -1`): nothing more to say, and nobody to say it to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent) as exc:
+    except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent, InvalidTime) as exc:
         print(f"outbox-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except db.SchemaNotCurrent as exc:
@@ -170,7 +170,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             "properties": _json_flag("--properties", args.properties),
             "eventdata": _json_flag("--eventdata", args.eventdata),
             "idempotency_key": args.idempotency_key,
-            "deliver_after": parse_duration(args.deliver_after) if args.deliver_after else None,
+            "deliver_after": parse_when(args.deliver_after, "--deliver-after")
+            if args.deliver_after
+            else None,
         }
         rows = [prepare_row(spec, args.max_body_bytes)]
     engine = db.create_engine(args.database_url)
@@ -240,9 +242,15 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    count = _store(args).prune(parse_duration(args.older_than), include_dead=args.include_dead)
+    older_than = parse_when(args.older_than, "--older-than")
+    count = _store(args).prune(older_than, include_dead=args.include_dead)
     kinds = "delivered and dead" if args.include_dead else "delivered"
-    print(f"pruned {count} {kinds} events finished more than {args.older_than} ago")
+    when = (
+        f"before {older_than.isoformat()}"
+        if isinstance(older_than, dt.datetime)
+        else f"more than {args.older_than} ago"
+    )
+    print(f"pruned {count} {kinds} events finished {when}")
     return 0
 
 
@@ -283,7 +291,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ma_key=_ma_key(args),
         budget=RetryBudget(
             max_attempts=args.max_attempts,
-            max_age=parse_duration(args.max_age),
+            max_age=parse_duration(args.max_age, "--max-age"),
             backoff_base=args.backoff_base,
             backoff_max=args.backoff_max,
         ),
@@ -297,13 +305,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_body_bytes=args.max_body_bytes,
         exit_when_drained=args.exit_when_drained,
         contact_order=not args.unordered,
-        retain_delivered=_retention(args.retain_delivered),
+        retain_delivered=_retention(args.retain_delivered, "--retain-delivered"),
         allow_insecure_endpoint=args.allow_insecure_endpoint,
     )
 
 
-def _retention(text: str) -> dt.timedelta | None:
-    return None if text.strip().lower() in ("forever", "never", "off") else parse_duration(text)
+def _retention(text: str, flag: str) -> dt.timedelta | None:
+    forever = text.strip().lower() in ("forever", "never", "off")
+    return None if forever else parse_duration(text, flag)
 
 
 def _ma_key(args: argparse.Namespace) -> str:
@@ -486,7 +495,10 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--properties", help="a JSON object")
     enqueue.add_argument("--eventdata", help='a JSON object: {"id": "...", "data": {...}}')
     enqueue.add_argument("--idempotency-key")
-    enqueue.add_argument("--deliver-after", help="a delay, e.g. 30s, 15m, 2h")
+    enqueue.add_argument(
+        "--deliver-after",
+        help="not before: a delay (90s, 15m, 2h, 1d) or an ISO 8601 time with an offset or Z",
+    )
     enqueue.add_argument("--file", help="JSON Lines, one event per line; - for stdin")
     enqueue.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
 
@@ -515,7 +527,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--all", action="store_true", help="every dead event")
 
     prune = command("prune", cmd_prune, "delete delivered (and optionally dead) events")
-    prune.add_argument("--older-than", default="7d", help="finished this long ago (default 7d)")
+    prune.add_argument(
+        "--older-than",
+        default="7d",
+        help="finished this long ago (default 7d), or before an ISO 8601 time with an offset",
+    )
     prune.add_argument("--include-dead", action="store_true", help="dead events too")
 
     sink = command(

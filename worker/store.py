@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 
 from worker.policy import Action, Outcome
 from worker.schema import (
+    UTCDateTime,
     contact_key,
     dialect_insert,
     outbox_attempts,
@@ -434,25 +435,18 @@ class OutboxStore:
 
     def prune(
         self,
-        older_than: dt.timedelta,
+        older_than: dt.timedelta | dt.datetime,
         include_dead: bool = False,
         batch_size: int = 1000,
         stop: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Delete delivered (and optionally dead) rows finished before `older_than` ago.
+        """Delete delivered (and optionally dead) rows finished before `older_than` ago
+        (or before that time, given a datetime).
 
         In small batches, each its own transaction, so a large prune never holds
         long locks or one huge transaction.
         """
-        cutoff = seconds_from_now(-older_than.total_seconds())
-        finished = e.c.status == _DELIVERED
-        if include_dead:
-            finished = sa.or_(
-                sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff),
-                sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff),
-            )
-        else:
-            finished = sa.and_(finished, e.c.delivered_at < cutoff)
+        finished = finished_before(older_than, include_dead)
         batch = sa.select(e.c.id).where(finished).limit(batch_size).scalar_subquery()
         statement = sa.delete(e).where(e.c.id.in_(batch))
         total = 0
@@ -462,6 +456,18 @@ class OutboxStore:
             total += deleted
             if deleted < batch_size or stop():
                 return total
+
+
+def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) -> Any:
+    """Delivered (and optionally dead) rows finished before a time, or that long ago."""
+    if isinstance(older_than, dt.datetime):
+        cutoff: Any = sa.literal(older_than, UTCDateTime())
+    else:
+        cutoff = seconds_from_now(-older_than.total_seconds())
+    finished = sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff)
+    if include_dead:
+        finished = sa.or_(finished, sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff))
+    return finished
 
 
 def _dead_selection(ids: Iterable[int], status_code: int | None, everything: bool) -> Any:
