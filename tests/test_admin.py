@@ -91,6 +91,44 @@ def test_enqueue_file_with_a_negative_deliver_after_names_the_line_and_field(sql
     assert count(sqlite_url) == 0
 
 
+# -- enqueue --file: every bad line, then nothing written -------------------------------
+
+
+def test_enqueue_file_reports_every_bad_line_and_enqueues_nothing(db_url, tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(
+        '{"email": "a@example.com", "event": "one"}\n'
+        '{"event": "no_email"}\n'
+        '{"email": "c@example.com", "event": "three"}\n'
+        '{"email": "d@example.com", "event": \n'
+        '{"email": "e@example.com", "event": "x", "deliver_after": "soon"}\n',
+        encoding="utf-8",
+    )
+    result = cli(db_url, "enqueue", "--file", str(path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("line 2: email")
+    assert lines[1].startswith("line 4: not valid JSON")
+    assert lines[2].startswith("line 5: deliver_after")
+    assert lines[3] == "outbox-worker: nothing was enqueued: 3 bad lines (of 5)"
+    assert len(lines) == 4 and "Traceback" not in result.stderr
+    assert count(db_url) == 0
+
+
+def test_enqueue_file_shows_the_first_20_bad_lines_and_counts_the_rest(sqlite_url):
+    text = "".join(
+        '{"event": "no_email"}\n' if n % 2 else '{"email": "a@example.com", "event": "x"}\n'
+        for n in range(60)
+    )
+    result = cli(sqlite_url, "enqueue", "--file", "-", input=text)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:20]] == [f"line {n}" for n in range(2, 41, 2)]
+    assert lines[20] == "... and 10 more bad lines"
+    assert lines[21] == "outbox-worker: nothing was enqueued: 30 bad lines (of 60)"
+    assert count(sqlite_url) == 0
+
+
 @pytest.mark.parametrize("flag", ["--max-age", "--retain-delivered"])
 def test_run_with_a_huge_duration_exits_2_with_one_line(sqlite_url, flag):
     result = cli(sqlite_url, *FAST_RUN, flag, "99999999999d", env=keyed(key=KEY))

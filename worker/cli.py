@@ -348,34 +348,55 @@ def _json_flag(flag: str, text: str | None) -> Any:
 
 
 def _rows_from_jsonl(path: str, max_body_bytes: int) -> list[dict[str, Any]]:
-    """Every line validated before anything is written: all or nothing."""
-    from worker.enqueue import prepare_row
-
+    """Every line validated before anything is written: all or nothing, every bad line said."""
     stream: IO[bytes] = sys.stdin.buffer if path == "-" else _open_input(path)
-    rows = []
+    rows, bad = [], 0
     with stream:
         for number, raw in enumerate(stream, start=1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError(f"line {number}: not valid UTF-8") from None
-            if not line.strip():
+                row = _row_from_line(raw, max_body_bytes)
+            except UsageError as exc:
+                bad += 1
+                if bad <= MAX_BAD_LINES_SHOWN:
+                    print(f"line {number}: {exc}", file=sys.stderr)
                 continue
-            try:
-                # NaN and Infinity parse here and are refused by validation,
-                # which names the field that holds them.
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise UsageError(f"line {number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise UsageError(f"line {number}: must be a JSON object")
-            try:
-                rows.append(prepare_row(record, max_body_bytes))
-            except InvalidEvent as exc:
-                raise UsageError(f"line {number}: {exc}") from None
+            if row is not None:
+                rows.append(row)
+    if bad:
+        if bad > MAX_BAD_LINES_SHOWN:
+            print(f"... and {bad - MAX_BAD_LINES_SHOWN} more bad lines", file=sys.stderr)
+        plural = "" if bad == 1 else "s"
+        raise UsageError(f"nothing was enqueued: {bad} bad line{plural} (of {bad + len(rows)})")
     if not rows:
         raise UsageError(f"{path}: no events in it")
     return rows
+
+
+MAX_BAD_LINES_SHOWN = 20
+
+
+def _row_from_line(raw: bytes, max_body_bytes: int) -> dict[str, Any] | None:
+    """One JSON Lines record as a row to insert (None for a blank line), or UsageError."""
+    from worker.enqueue import prepare_row
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("not valid UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        # NaN and Infinity parse here and are refused by validation,
+        # which names the field that holds them.
+        record = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise UsageError("must be a JSON object")
+    try:
+        return prepare_row(record, max_body_bytes)
+    except InvalidEvent as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _open_input(path: str) -> IO[bytes]:
