@@ -218,7 +218,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_list(args: argparse.Namespace) -> int:
-    rows = _store(args).dead_letters(args.limit)
+    from worker.admin import EventFilter
+
+    rows = _admin(args).list_events(EventFilter(status="dead"), args.limit).rows
     if args.json:
         for row in rows:
             print(json.dumps(output.row_dict(row), default=str, ensure_ascii=False))
@@ -228,15 +230,21 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_requeue(args: argparse.Namespace) -> int:
+    from worker.admin import EventFilter
+
     _require_selection(args)
-    count = _store(args).requeue(args.id or (), args.status_code, args.all)
+    selection = EventFilter(ids=args.id or (), status_code=args.status_code)
+    count = _admin(args).requeue(selection, everything=args.all).count
     print(f"requeued {count} dead events")
     return 0
 
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:
+    from worker.admin import EventFilter
+
     _require_selection(args)
-    count = _store(args).purge(args.id or (), args.status_code, args.all)
+    selection = EventFilter(ids=args.id or (), status_code=args.status_code)
+    count = _admin(args).purge(selection, everything=args.all).count
     print(f"purged {count} dead events")
     return 0
 
@@ -331,6 +339,12 @@ def _store(args: argparse.Namespace) -> Any:
     engine = db.create_engine(args.database_url)
     db.require_current_schema(engine)
     return OutboxStore(engine)
+
+
+def _admin(args: argparse.Namespace) -> Any:
+    from worker.admin import OutboxAdmin
+
+    return OutboxAdmin(_store(args).engine)
 
 
 def _require_selection(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 
 Every statement is SQLAlchemy Core, built once at import and shared by
 SQLite and PostgreSQL; where they differ (row locks, NOTIFY) the difference
-is named here. Hot-path work is set-based: one claim statement per batch,
+is named here. The operator's selections and changes (lists, requeue, purge,
+cancel) are worker.admin's. Hot-path work is set-based: one claim statement per batch,
 one transaction per batch of outcomes.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,41 +399,6 @@ class OutboxStore:
             ],
         )
 
-    def dead_letters(self, limit: int = 50) -> list[sa.Row[Any]]:
-        """The newest dead rows with why they failed, as the outbox_dead_letters view shows."""
-        view = sa.table(
-            "outbox_dead_letters",
-            *(sa.column(n) for n in ("id", "email", "event", "attempts", "last_status_code")),
-            sa.column("last_error"),
-            sa.column("failed_at", type_=e.c.failed_at.type),
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(view).order_by(view.c.id.desc()).limit(limit)).all()
-
-    def requeue(
-        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
-    ) -> int:
-        """Dead rows back to pending with a fresh budget, due now."""
-        where = _dead_selection(ids, status_code, everything)
-        statement = (
-            sa.update(e)
-            .where(where)
-            .values(status=_PENDING, attempts=0, next_attempt_at=utcnow(), failed_at=None)
-        )
-        with self.engine.begin() as conn:
-            count = conn.execute(statement).rowcount
-            if count and self.dialect == "postgresql":
-                conn.execute(sa.text("SELECT pg_notify('outbox_events', '')"))
-        return count
-
-    def purge(
-        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
-    ) -> int:
-        """Delete dead rows (their attempt history goes with them)."""
-        where = _dead_selection(ids, status_code, everything)
-        with self.engine.begin() as conn:
-            return conn.execute(sa.delete(e).where(where)).rowcount
-
     def prune(
         self,
         older_than: dt.timedelta | dt.datetime,
@@ -468,18 +434,6 @@ def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) 
     if include_dead:
         finished = sa.or_(finished, sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff))
     return finished
-
-
-def _dead_selection(ids: Iterable[int], status_code: int | None, everything: bool) -> Any:
-    ids = list(ids)
-    if not (ids or status_code is not None or everything):
-        raise ValueError("name the dead rows: ids, a status code, or everything")
-    where = e.c.status == _DEAD
-    if ids:
-        where = sa.and_(where, e.c.id.in_(ids))
-    if status_code is not None:
-        where = sa.and_(where, e.c.last_status_code == status_code)
-    return where
 
 
 def _writes_attempt(outcome: Outcome) -> bool:
