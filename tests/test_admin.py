@@ -10,19 +10,31 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import pty
+import re
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import KEY
+from tests.conftest import KEY, deliver
+from tests.endpoint import Endpoint, Reply
 from tests.test_cli import (
     FAST_RUN,
+    REFUSAL_400,
     assert_one_line_error,
     by_id,
+    clean_env,
     cli,
     count,
+    events_table,
+    execute,
     finished_rows,
     keyed,
+    seed,
+    three_dead,
     utcnow,
 )
 from tests.test_store import (
@@ -35,6 +47,7 @@ from tests.test_store import (
     row,
     set_row,
 )
+from worker import db
 from worker.admin import EventFilter, InvalidSelection, OutboxAdmin
 from worker.policy import Action, Outcome
 from worker.schema import contact_key, outbox_events
@@ -378,3 +391,338 @@ def test_prune_older_than_a_timestamp_deletes_what_finished_before_it(db_url, en
     assert result.returncode == 0, result.stderr
     assert f"pruned 2 delivered and dead events finished before {week_ago}" in result.stdout
     assert set(by_id(db_url)) == {named[n] for n in ("new_delivered", "new_dead", "pending")}
+
+
+# -- events show -------------------------------------------------------------------------
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
+
+
+def failed_twice(url: str, endpoint: Endpoint) -> int:
+    """One event answered 503, then 400: dead after two attempts, each recorded."""
+    endpoint.script("flaky", Reply(503, b'{"code":"unavailable","message":"down"}'))
+    endpoint.script("flaky", Reply(400, REFUSAL_400))
+    (event_id,) = seed(
+        url,
+        endpoint,
+        [{"email": "jane@example.com", "event": "flaky", "properties": {"PLAN": "pro"}}],
+    )
+    # The drained run left it waiting out its backoff: make it due, and run again.
+    engine = db.create_engine(url)
+    try:
+        set_row(engine, event_id, next_attempt_at=utcnow())
+        assert deliver(engine, endpoint.url) == 0
+    finally:
+        engine.dispose()
+    assert by_id(url)[event_id].status == "dead"
+    return event_id
+
+
+def test_events_show_prints_the_row_the_exact_body_sent_and_every_attempt(db_url, endpoint):
+    event_id = failed_twice(db_url, endpoint)
+    result = cli(db_url, "events", "show", str(event_id), env={"OUTBOX_MA_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(f"outbox id {event_id}: dead\n")
+    assert "jane@example.com" in out and "flaky" in out
+    assert f"  {endpoint.requests[-1].raw.decode()}\n" in out  # the body, byte for byte
+    attempts = out.split("attempts:\n", 1)[1].splitlines()[1:]
+    assert [line.split()[0] for line in attempts] == ["1", "2"]
+    assert "503" in attempts[0] and "400" in attempts[1]
+    assert KEY not in out + result.stderr
+
+
+def test_events_show_json_has_the_row_the_body_and_the_attempts(db_url, endpoint):
+    event_id = failed_twice(db_url, endpoint)
+    result = cli(db_url, "events", "show", str(event_id), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["event"]["id"] == event_id and shown["event"]["status"] == "dead"
+    assert shown["event"]["properties"] == {"PLAN": "pro"}
+    assert shown["body"] == endpoint.requests[-1].raw.decode()
+    assert shown["body_error"] is None
+    assert [a["status_code"] for a in shown["attempts"]] == [503, 400]
+    assert ISO_UTC.match(shown["event"]["created_at"])
+    assert ISO_UTC.match(shown["attempts"][0]["attempted_at"])
+
+
+def test_events_show_of_a_row_that_cannot_be_sent_says_why(sqlite_url):
+    execute(sqlite_url, sa.text("INSERT INTO outbox_events (email, event) VALUES ('nobody', 'x')"))
+    result = cli(sqlite_url, "events", "show", "1")
+    assert result.returncode == 0, result.stderr
+    assert "body: none, it cannot be sent (email: is not an address" in result.stdout
+
+
+def test_events_show_of_an_unknown_id_exits_1(sqlite_url):
+    line = assert_one_line_error(cli(sqlite_url, "events", "show", "999"), 1)
+    assert "no event with id 999" in line
+
+
+# -- events list -------------------------------------------------------------------------
+
+
+def listed(url: str, *args: str) -> list[int]:
+    result = cli(url, "events", "list", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return sorted(json.loads(line)["id"] for line in result.stdout.splitlines())
+
+
+def test_events_list_filters_by_status_event_and_email(db_url, engine):
+    a, b, c, d = add(engine, "Jane@Example.com", "jane@example.com", "bob@example.com", "x@y.com")
+    set_row(engine, d, event="other")
+    make_delivered(engine, b)
+    assert listed(db_url) == [a, b, c, d]
+    assert listed(db_url, "--status", "pending") == [a, c, d]
+    assert listed(db_url, "--event", "other") == [d]
+    assert listed(db_url, "--email", "JANE@example.COM") == [a, b]
+    assert listed(db_url, "--email", "jane@example.com", "--status", "delivered") == [b]
+
+
+def test_events_list_since_and_until_take_durations_and_timestamps(db_url, engine):
+    old, recent = add(engine, "a@x.com", "b@x.com")
+    set_row(engine, old, created_at=utcnow() - dt.timedelta(days=2))
+    assert listed(db_url, "--since", "1d") == [recent]
+    assert listed(db_url, "--until", "1d") == [old]
+    day_ago = (utcnow() - dt.timedelta(days=1)).isoformat()
+    assert listed(db_url, "--since", day_ago) == [recent]
+
+
+def test_events_list_pages_newest_first_and_says_how_to_go_on(db_url, engine):
+    ids = add(engine, *(f"u{n}@x.com" for n in range(5)))
+    pages, args = [], ["--limit", "2"]
+    while True:
+        result = cli(db_url, "events", "list", *args)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        hint = lines[-1] if lines[-1].startswith("more:") else None
+        rows = lines[1 : -1 if hint else None]
+        pages.append([int(line.split()[0]) for line in rows])
+        if hint is None:
+            break
+        args = ["--limit", "2", "--before-id", hint.rsplit(" ", 1)[1]]
+    assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]
+
+
+def test_events_list_json_keeps_the_next_page_hint_off_stdout(db_url, engine):
+    ids = add(engine, "a@x.com", "b@x.com", "c@x.com")
+    result = cli(db_url, "events", "list", "--json", "--limit", "2")
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [ids[2], ids[1]]
+    assert f"--before-id {ids[1]}" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--since", "--until"])
+def test_events_list_with_a_time_that_is_none_exits_2_with_one_line(sqlite_url, flag):
+    line = assert_one_line_error(cli(sqlite_url, "events", "list", flag, "yesterday"), 2)
+    assert flag in line and "90s" in line
+
+
+# -- events cancel -----------------------------------------------------------------------
+
+
+def claimed(engine: sa.Engine, event_id: int) -> None:
+    """As a daemon leaves a row it is sending: in_flight under a lease."""
+    set_row(
+        engine,
+        event_id,
+        status="in_flight",
+        lease_token="host:1:1",
+        lease_expires_at=utcnow() + dt.timedelta(minutes=1),
+    )
+
+
+def test_cancel_makes_pending_and_retrying_events_dead_with_the_reason(db_url, engine):
+    pending, retrying, delivered = add(engine, "a@x.com", "b@x.com", "c@x.com")
+    set_row(engine, retrying, attempts=2, last_status_code=503, last_error="HTTP 503")
+    make_delivered(engine, delivered)
+    result = cli(db_url, "events", "cancel", str(pending), str(retrying), "--reason", "duplicate")
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled 2 pending events: ids {pending}, {retrying}" in result.stdout
+    rows = by_id(db_url)
+    for id_ in (pending, retrying):
+        assert rows[id_].status == "dead"
+        assert rows[id_].last_error == "cancelled by operator: duplicate"
+        assert rows[id_].last_status_code is None and rows[id_].failed_at is not None
+    assert rows[delivered].status == "delivered"
+
+
+def test_a_cancelled_event_is_never_sent_and_can_be_requeued(db_url, engine, endpoint):
+    first, second = add(engine, "jane@example.com", "jane@example.com", event="ordered")
+    assert cli(db_url, "events", "cancel", str(first)).returncode == 0
+    # The contact's newer event is not held behind the cancelled one.
+    assert cli(db_url, *FAST_RUN, env=keyed(endpoint.url)).returncode == 0
+    assert len(endpoint.requests) == 1
+    assert by_id(db_url)[second].status == "delivered"
+    listed_dead = cli(db_url, "dead-letters", "list", "--json").stdout
+    assert json.loads(listed_dead)["last_error"] == "cancelled by operator"
+    assert cli(db_url, "dead-letters", "requeue", "--id", str(first)).returncode == 0
+    assert cli(db_url, *FAST_RUN, env=keyed(endpoint.url)).returncode == 0
+    assert by_id(db_url)[first].status == "delivered"
+
+
+def test_cancel_skips_an_event_in_flight_and_exits_1_when_nothing_else_matched(db_url, engine):
+    (sending,) = add(engine, "a@x.com")
+    claimed(engine, sending)
+    result = cli(db_url, "events", "cancel", str(sending))
+    assert result.returncode == 1
+    assert f"id {sending} not cancelled: in flight: a daemon is sending it now" in result.stderr
+    assert by_id(db_url)[sending].status == "in_flight"
+
+
+def test_cancel_by_filter_takes_the_pending_ones_and_says_how_many_were_in_flight(db_url, engine):
+    a, b, sending, other = add(engine, "a@x.com", "b@x.com", "c@x.com", "d@x.com")
+    set_row(engine, [a, b, sending], event="promo")
+    claimed(engine, sending)
+    result = cli(db_url, "events", "cancel", "--event", "promo")
+    assert result.returncode == 0, result.stderr
+    assert "cancelled 2 pending events" in result.stdout
+    assert "1 matching events are in flight" in result.stderr
+    statuses = {i: r.status for i, r in by_id(db_url).items()}
+    assert statuses == {a: "dead", b: "dead", sending: "in_flight", other: "pending"}
+
+
+def test_cancel_dry_run_changes_nothing(db_url, engine):
+    a, _b = add(engine, "a@x.com", "b@x.com")
+    result = cli(db_url, "events", "cancel", "--email", "a@x.com", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"would cancel 1 pending events: ids {a} (dry run: nothing changed)" in result.stdout
+    assert {r.status for r in by_id(db_url).values()} == {"pending"}
+
+
+@pytest.mark.parametrize("args", [(), ("1", "--event", "x")])
+def test_cancel_without_a_selection_or_with_two_kinds_exits_2(db_url, engine, args):
+    add(engine, "a@x.com")
+    assert_one_line_error(cli(db_url, "events", "cancel", *args), 2)
+    assert by_id(db_url)[1].status == "pending"
+
+
+# -- dead-letters: filters, selectors, confirmation ---------------------------------------
+
+
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+@pytest.mark.parametrize(
+    "selectors",
+    [("--id", "5", "--all"), ("--all", "--status-code", "400"), ("--id", "5", "--event", "x")],
+)
+def test_conflicting_selectors_exit_2_and_change_nothing(db_url, engine, action, selectors):
+    (dead,) = add(engine, "a@x.com")
+    make_dead(engine, dead)
+    assert_one_line_error(cli(db_url, "dead-letters", action, *selectors, input=""), 2)
+    assert by_id(db_url)[dead].status == "dead"
+
+
+@pytest.mark.parametrize(("action", "done"), [("requeue", "requeued"), ("purge", "purged")])
+def test_ids_that_did_not_match_are_named_and_none_matching_exits_1(db_url, engine, action, done):
+    dead, pending = add(engine, "a@x.com", "b@x.com")
+    make_dead(engine, dead)
+    nothing = cli(db_url, "dead-letters", action, "--id", "999", str(pending), input="")
+    assert nothing.returncode == 1
+    assert f"id 999 not {done}: no such event" in nothing.stderr
+    assert f"id {pending} not {done}: pending, not dead" in nothing.stderr
+    assert f"{done} 0 dead events" in nothing.stdout
+    some = cli(db_url, "dead-letters", action, "--id", str(dead), "999", input="")
+    assert some.returncode == 0, some.stderr
+    assert f"{done} 1 dead events: ids {dead}" in some.stdout
+    assert f"id 999 not {done}: no such event" in some.stderr
+
+
+def test_dead_letters_filters_pick_the_same_rows_for_list_requeue_and_purge(db_url, endpoint):
+    _ok, a400, b400, c422 = three_dead(db_url, endpoint)
+    listing = cli(db_url, "dead-letters", "list", "--json", "--status-code", "422").stdout
+    assert [json.loads(line)["id"] for line in listing.splitlines()] == [c422]
+    assert listed(db_url, "--status", "dead", "--error-contains", "TRACKER REFUSED") == [a400, b400]
+    requeued = cli(db_url, "dead-letters", "requeue", "--email", "A@EXAMPLE.COM")
+    assert "requeued 1 dead events" in requeued.stdout, requeued.stderr
+    purged = cli(db_url, "dead-letters", "purge", "--error-contains", "cannot PROCESS", input="")
+    assert "purged 1 dead events" in purged.stdout, purged.stderr
+    rows = by_id(db_url)
+    assert (rows[a400].status, rows[b400].status, c422 in rows) == ("pending", "dead", False)
+
+
+def test_dead_letters_since_compares_when_they_failed(db_url, engine):
+    old_event_new_death, long_dead = add(engine, "a@x.com", "b@x.com")
+    set_row(engine, old_event_new_death, created_at=utcnow() - dt.timedelta(days=5))
+    make_dead(engine, old_event_new_death)
+    make_dead(engine, long_dead, failed_at=utcnow() - dt.timedelta(days=2))
+    result = cli(db_url, "dead-letters", "list", "--json", "--since", "1d")
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [old_event_new_death]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("dead-letters", "requeue", "--all"), "would requeue 3 dead events"),
+        (("dead-letters", "purge", "--all"), "would purge 3 dead events"),
+        (("dead-letters", "purge", "--status-code", "400"), "would purge 2 dead events"),
+        (("events", "cancel", "--event", "ok"), "would cancel 0 pending events"),
+        (("prune", "--older-than", "0s", "--include-dead"), "would prune 4 delivered and dead"),
+    ],
+)
+def test_dry_run_says_what_would_change_and_changes_nothing(db_url, endpoint, args, says):
+    three_dead(db_url, endpoint)
+    before = events_table(db_url)
+    result = cli(db_url, *args, "--dry-run", input="")
+    assert result.returncode == 0, result.stderr
+    assert says in result.stdout and "dry run: nothing changed" in result.stdout
+    assert events_table(db_url) == before
+
+
+def test_purging_more_than_one_row_off_a_terminal_needs_yes(sqlite_url, endpoint):
+    ok, *_dead = three_dead(sqlite_url, endpoint)
+    line = assert_one_line_error(cli(sqlite_url, "dead-letters", "purge", "--all", input=""), 2)
+    assert "purge 3 dead events" in line and "--yes" in line and "terminal" in line
+    assert len(by_id(sqlite_url)) == 4
+    result = cli(sqlite_url, "dead-letters", "purge", "--all", "--yes", input="")
+    assert result.returncode == 0, result.stderr
+    assert sorted(by_id(sqlite_url)) == [ok]
+
+
+def test_purging_one_row_off_a_terminal_needs_no_yes(sqlite_url, endpoint):
+    ok, a400, b400, _c422 = three_dead(sqlite_url, endpoint)
+    result = cli(sqlite_url, "dead-letters", "purge", "--status-code", "422", input="")
+    assert result.returncode == 0, result.stderr
+    assert sorted(by_id(sqlite_url)) == [ok, a400, b400]
+
+
+@pytest.mark.parametrize(("answer", "left"), [("y", 1), ("n", 4)])
+def test_purge_on_a_terminal_asks_first(sqlite_url, endpoint, answer, left):
+    three_dead(sqlite_url, endpoint)
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "dead-letters",
+            "purge",
+            "--all",
+            "--database-url",
+            sqlite_url,
+        ],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        text=True,
+    ) as proc:
+        os.close(terminal)
+        os.write(controller, f"{answer}\n".encode())
+        _out, err = proc.communicate(timeout=60)
+    os.close(controller)
+    assert "purge 3 dead events? [y/N]" in err
+    assert proc.returncode == (0 if answer == "y" else 1), err
+    assert len(by_id(sqlite_url)) == left
+
+
+# -- JSON output ---------------------------------------------------------------------------
+
+
+def test_json_output_writes_every_timestamp_in_iso_8601_with_t_and_an_offset(db_url, endpoint):
+    _ok, *_ = three_dead(db_url, endpoint)
+    lines = [
+        *cli(db_url, "dead-letters", "list", "--json").stdout.splitlines(),
+        *cli(db_url, "events", "list", "--json").stdout.splitlines(),
+    ]
+    stamps = [v for line in lines for k, v in json.loads(line).items() if k.endswith("_at")]
+    assert len(stamps) >= 8
+    for stamp in filter(None, stamps):
+        assert ISO_UTC.match(stamp), stamp

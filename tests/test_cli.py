@@ -585,7 +585,7 @@ def test_purge_by_id_deletes_only_that_dead_row(sqlite_url, endpoint):
 
 def test_purge_all_deletes_every_dead_row_and_nothing_else(sqlite_url, endpoint):
     ok, *_ = three_dead(sqlite_url, endpoint)
-    result = cli(sqlite_url, "dead-letters", "purge", "--all")
+    result = cli(sqlite_url, "dead-letters", "purge", "--all", "--yes")
     assert result.returncode == 0, result.stderr
     assert "purged 3" in result.stdout
     assert sorted(by_id(sqlite_url)) == [ok]

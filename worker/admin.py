@@ -25,7 +25,6 @@ from worker.schema import (
     utcnow,
 )
 from worker.store import finished_before
-from worker.wakeup import CHANNEL
 
 e = outbox_events
 STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -79,9 +78,14 @@ class EventFilter:
         object.__setattr__(self, "ids", tuple(int(i) for i in self.ids))
 
     @property
+    def has_filters(self) -> bool:
+        """A criterion besides ids."""
+        return dataclasses.replace(self, ids=()) != EventFilter(dated_by=self.dated_by)
+
+    @property
     def is_empty(self) -> bool:
         """No criterion at all: the filter selects every event."""
-        return self == EventFilter(dated_by=self.dated_by)
+        return not self.ids and not self.has_filters
 
     def where(self) -> sa.ColumnElement[bool]:
         conditions: list[sa.ColumnElement[bool]] = []
@@ -306,6 +310,8 @@ class OutboxAdmin:
             else:
                 ids, count = [], conn.execute(statement).rowcount
             if wake and count and conn.dialect.name == "postgresql":
+                from worker.wakeup import CHANNEL  # psycopg: loaded only where it is used
+
                 conn.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
         return Change(count, ids, self._missed(selection.ids, ids, wanted))
 

@@ -22,6 +22,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from worker import db, output
+from worker.admin import InvalidSelection
 from worker.config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
@@ -59,7 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`stats | head -1`): nothing more to say, and nobody to say it to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent, InvalidTime) as exc:
+    except (
+        UsageError,
+        SettingsError,
+        db.ConfigurationError,
+        InvalidEvent,
+        InvalidTime,
+        InvalidSelection,
+    ) as exc:
         print(f"outbox-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except db.SchemaNotCurrent as exc:
@@ -217,51 +225,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_dead_list(args: argparse.Namespace) -> int:
-    from worker.admin import EventFilter
-
-    rows = _admin(args).list_events(EventFilter(status="dead"), args.limit).rows
-    if args.json:
-        for row in rows:
-            print(json.dumps(output.row_dict(row), default=str, ensure_ascii=False))
-    else:
-        output.print_dead_letters(rows)
-    return 0
-
-
-def cmd_dead_requeue(args: argparse.Namespace) -> int:
-    from worker.admin import EventFilter
-
-    _require_selection(args)
-    selection = EventFilter(ids=args.id or (), status_code=args.status_code)
-    count = _admin(args).requeue(selection, everything=args.all).count
-    print(f"requeued {count} dead events")
-    return 0
-
-
-def cmd_dead_purge(args: argparse.Namespace) -> int:
-    from worker.admin import EventFilter
-
-    _require_selection(args)
-    selection = EventFilter(ids=args.id or (), status_code=args.status_code)
-    count = _admin(args).purge(selection, everything=args.all).count
-    print(f"purged {count} dead events")
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    older_than = parse_when(args.older_than, "--older-than")
-    count = _store(args).prune(older_than, include_dead=args.include_dead)
-    kinds = "delivered and dead" if args.include_dead else "delivered"
-    when = (
-        f"before {older_than.isoformat()}"
-        if isinstance(older_than, dt.datetime)
-        else f"more than {args.older_than} ago"
-    )
-    print(f"pruned {count} {kinds} events finished {when}")
-    return 0
-
-
 def cmd_sink(args: argparse.Namespace) -> int:
     from worker.sink import Sink
 
@@ -339,17 +302,6 @@ def _store(args: argparse.Namespace) -> Any:
     engine = db.create_engine(args.database_url)
     db.require_current_schema(engine)
     return OutboxStore(engine)
-
-
-def _admin(args: argparse.Namespace) -> Any:
-    from worker.admin import OutboxAdmin
-
-    return OutboxAdmin(_store(args).engine)
-
-
-def _require_selection(args: argparse.Namespace) -> None:
-    if not (args.id or args.status_code is not None or args.all):
-        raise UsageError("say which dead events: --id N [N ...], --status-code C, or --all")
 
 
 def _json_flag(flag: str, text: str | None) -> Any:
@@ -542,32 +494,9 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
     stats.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
 
-    dead = sub.add_parser("dead-letters", help="inspect and replay what failed")
-    dead_sub = dead.add_subparsers(metavar="action")
-    for name, handler, help_ in (
-        ("list", cmd_dead_list, "the newest dead events and why they failed"),
-        ("requeue", cmd_dead_requeue, "dead events back to pending, attempts 0, due now"),
-        ("purge", cmd_dead_purge, "delete dead events"),
-    ):
-        p = dead_sub.add_parser(name, help=help_, description=help_, parents=[common])
-        p.set_defaults(handler=handler)
-        if name == "list":
-            p.add_argument("--limit", type=_positive_int, default=50)
-            p.add_argument("--json", action="store_true", help="one JSON object per line")
-        else:
-            p.add_argument("--id", type=int, nargs="+", help="outbox ids")
-            p.add_argument(
-                "--status-code", type=int, help="every dead event whose last answer was C"
-            )
-            p.add_argument("--all", action="store_true", help="every dead event")
+    from worker import admin_cli  # it imports this module: here, once this one is loaded
 
-    prune = command("prune", cmd_prune, "delete delivered (and optionally dead) events")
-    prune.add_argument(
-        "--older-than",
-        default="7d",
-        help="finished this long ago (default 7d), or before an ISO 8601 time with an offset",
-    )
-    prune.add_argument("--include-dead", action="store_true", help="dead events too")
+    admin_cli.add_commands(sub, common)
 
     sink = command(
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
