@@ -125,7 +125,7 @@ def cmd_events_list(args: argparse.Namespace) -> int:
 
 def cmd_events_cancel(args: argparse.Namespace) -> int:
     selection = _filter(args, ids=args.ids)
-    if not selection.ids and selection.is_empty:
+    if selection.is_empty:
         raise UsageError("say which events: ID [ID ...] or filters (--event, --email, --since ...)")
     _refuse_ids_with_filters(selection)
     change = _admin(args).cancel(selection, dry_run=args.dry_run, reason=args.reason)
@@ -167,7 +167,7 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
 
 def _dead_selection(args: argparse.Namespace) -> EventFilter:
     selection = _filter(args, ids=args.id or (), dated_by="failed_at")
-    if not (selection.ids or args.all) and selection.is_empty:
+    if selection.is_empty and not args.all:
         raise UsageError(
             "say which dead events: --id N [N ...], filters (--status-code C ...) or --all"
         )
