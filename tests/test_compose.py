@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from worker.cli import _parser
-from worker.config import parse_duration
+from worker.when import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
@@ -153,7 +153,7 @@ def test_sink_accepts_the_key_the_worker_sends() -> None:
 def test_worker_grace_period_outlasts_its_shutdown_timeout() -> None:
     # Compose sends SIGKILL after stop_grace_period (10 s if unset): the daemon must
     # be able to finish its in-flight requests and record them before that.
-    grace = parse_duration(SERVICES["worker"].get("stop_grace_period", "10s"))
+    grace = parse_duration(SERVICES["worker"].get("stop_grace_period", "10s"), "stop_grace_period")
     daemon = parse_command(command_of("worker"))
     assert grace.total_seconds() > daemon.shutdown_timeout
 

@@ -504,6 +504,26 @@ def test_deliver_after_naive_datetime_is_taken_as_utc(engine, local_zone_far_fro
     assert next_attempt_utc_text(engine, new_id) == "2031-05-06 12:30:15"
 
 
+def test_deliver_after_as_text_is_a_timestamp_or_a_duration(engine):
+    with Session(engine) as session:
+        at = track_event(session, **ev(1, deliver_after="2031-05-06T14:30:15+02:00"))
+        later = track_event(session, **ev(2, deliver_after="1h"))
+        soon = track_event(session, **ev(3, deliver_after=90))
+        session.commit()
+    assert next_attempt_utc_text(engine, at) == "2031-05-06 12:30:15"
+    for id_, seconds in ((later, 3600), (soon, 90)):
+        created_at, next_attempt_at = stored_times(engine, id_)
+        assert abs((next_attempt_at - created_at).total_seconds() - seconds) <= 2
+
+
+@pytest.mark.parametrize("value", ["-5m", "2031-05-06T14:30:15", "soon", "99999999999d"])
+def test_deliver_after_text_that_is_no_time_is_refused_naming_the_field(engine, value):
+    with Session(engine) as session, pytest.raises(InvalidEvent) as caught:
+        track_event(session, **ev(1, deliver_after=value))
+    assert caught.value.field == "deliver_after"
+    assert rows(engine) == []
+
+
 # -- track_events ----------------------------------------------------------------
 
 

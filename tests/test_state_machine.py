@@ -39,6 +39,7 @@ from hypothesis.stateful import (
 
 from tests.conftest import new_pg_database
 from worker import db, track_events
+from worker.admin import EventFilter, OutboxAdmin
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_events, seconds_from_now, utcnow
 from worker.store import ClaimedEvent, OutboxStore, Record
@@ -104,6 +105,7 @@ class OutboxMachine(RuleBasedStateMachine):
             conn.execute(sa.delete(a))
             conn.execute(sa.delete(e))
         self.store = OutboxStore(self.engine)
+        self.admin = OutboxAdmin(self.engine)
         self.rows: dict[int, Row] = {}
         self.claims: dict[str, list[ClaimedEvent]] = {}  # every claim ever made, by token
         self.rescued: list[tuple[str, ClaimedEvent]] = []  # claims that lease rescue voided
@@ -337,18 +339,20 @@ class OutboxMachine(RuleBasedStateMachine):
         if how == "ids":
             if not self.rows:
                 return
-            kwargs["ids"] = data.draw(
+            ids = data.draw(
                 st.lists(st.sampled_from(sorted(self.rows)), min_size=1, unique=True), label="ids"
             )
-            chosen = [self.rows[i] for i in kwargs["ids"]]
+            kwargs["selection"] = EventFilter(ids=tuple(ids))
+            chosen = [self.rows[i] for i in ids]
         elif how == "status code":
-            kwargs["status_code"] = data.draw(st.sampled_from([400, 503, 401, 204]), label="code")
-            chosen = [r for r in self.rows.values() if r.last_code == kwargs["status_code"]]
+            code = data.draw(st.sampled_from([400, 503, 401, 204]), label="code")
+            kwargs["selection"] = EventFilter(status_code=code)
+            chosen = [r for r in self.rows.values() if r.last_code == code]
         else:
-            kwargs["everything"] = True
+            kwargs.update(selection=EventFilter(), everything=True)
             chosen = list(self.rows.values())
         dead = [r for r in chosen if r.status == "dead"]
-        assert self.store.requeue(**kwargs) == len(dead)
+        assert self.admin.requeue(**kwargs).count == len(dead)
         for row in dead:
             row.status, row.attempts, row.due = "pending", 0, True
             row.requeued_at = next(self.clock)
@@ -361,12 +365,12 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule(data=st.data(), everything=st.booleans())
     def purge(self, data: st.DataObject, everything: bool) -> None:
         if everything or not self.rows:
-            count, chosen = self.store.purge(everything=True), list(self.rows)
+            count, chosen = self.admin.purge(EventFilter(), everything=True).count, list(self.rows)
         else:
             chosen = data.draw(
                 st.lists(st.sampled_from(sorted(self.rows)), min_size=1, unique=True), label="ids"
             )
-            count = self.store.purge(ids=chosen)
+            count = self.admin.purge(EventFilter(ids=tuple(chosen))).count
         dead = [i for i in chosen if self.rows[i].status == "dead"]
         assert count == len(dead)
         for id_ in dead:

@@ -1,5 +1,6 @@
 """OutboxStore against real databases (SQLite and PostgreSQL): claiming, recording
-outcomes, lease rescue and the operator's commands, with the rows checked by SQL.
+outcomes, lease rescue, pruning and stats, with the rows checked by SQL (the
+operator's requeue, purge and lists are worker.admin's: tests/test_admin.py).
 """
 
 from __future__ import annotations
@@ -400,92 +401,6 @@ def test_rescue_with_nothing_expired_changes_nothing(engine, store):
     assert row(engine, event_id).status == "in_flight"
 
 
-# -- requeue -------------------------------------------------------------------------
-
-
-def assert_requeued(engine: sa.Engine, event_id: int) -> None:
-    r = row(engine, event_id)
-    assert r.status == "pending"
-    assert r.attempts == 0
-    assert r.next_attempt_at <= now() + dt.timedelta(seconds=1)
-
-
-def test_requeue_by_id_sets_only_those_rows_pending_and_due_now(engine, store):
-    a, b, c = add(engine, "a@x.com", "b@x.com", "c@x.com")
-    make_dead(engine, [a, b, c])
-
-    assert store.requeue(ids=[b]) == 1
-
-    assert_requeued(engine, b)
-    assert [row(engine, i).status for i in (a, c)] == ["dead", "dead"]
-    assert ids_of(claim(store)) == [b]
-
-
-def test_requeue_by_status_code_takes_only_dead_rows_with_that_code(engine, store):
-    a, b, c = add(engine, "a@x.com", "b@x.com", "c@x.com")
-    make_dead(engine, [a, c], code=400)
-    make_dead(engine, b, code=422)
-
-    assert store.requeue(status_code=400) == 2
-
-    assert_requeued(engine, a)
-    assert_requeued(engine, c)
-    assert row(engine, b).status == "dead"
-
-
-def test_requeue_all_takes_every_dead_row_and_nothing_else(engine, store):
-    dead1, dead2, delivered, backoff = add(engine, "a@x.com", "b@x.com", "c@x.com", "d@x.com")
-    make_dead(engine, dead1, code=400)
-    make_dead(engine, dead2, code=None)
-    make_delivered(engine, delivered)
-    set_row(engine, backoff, attempts=4, next_attempt_at=now() + dt.timedelta(hours=1))
-
-    assert store.requeue(everything=True) == 2
-
-    assert_requeued(engine, dead1)
-    assert_requeued(engine, dead2)
-    assert row(engine, delivered).status == "delivered"
-    assert row(engine, backoff).attempts == 4
-    assert sorted(ids_of(claim(store))) == [dead1, dead2]
-
-
-# -- purge ---------------------------------------------------------------------------
-
-
-def test_purge_deletes_dead_rows_and_their_attempts(engine, store):
-    dead, retrying = add(engine, "a@x.com", "b@x.com")
-    by_id = {c.id: c for c in claim(store)}
-    store.record(
-        [
-            Record(by_id[dead], Outcome(Action.DEAD, 400, "HTTP 400 bad")),
-            Record(by_id[retrying], Outcome(Action.RETRY, 503, "HTTP 503", 60.0)),
-        ]
-    )
-
-    assert store.purge(everything=True) == 1
-
-    assert row(engine, dead) is None
-    assert attempt_rows(engine, dead) == []
-    assert row(engine, retrying).status == "pending"
-    assert len(attempt_rows(engine, retrying)) == 1
-
-
-def test_purge_by_id_keeps_the_other_dead_rows(engine, store):
-    a, b = add(engine, "a@x.com", "b@x.com")
-    make_dead(engine, [a, b])
-    assert store.purge(ids=[a]) == 1
-    assert row(engine, a) is None
-    assert row(engine, b).status == "dead"
-
-
-def test_purge_never_deletes_rows_that_are_not_dead(engine, store):
-    pending, delivered = add(engine, "a@x.com", "b@x.com")
-    make_delivered(engine, delivered)
-    assert store.purge(ids=[pending, delivered]) == 0
-    assert row(engine, pending) is not None
-    assert row(engine, delivered) is not None
-
-
 # -- prune ---------------------------------------------------------------------------
 
 
@@ -595,16 +510,6 @@ def test_dead_letters_view_shows_dead_rows_with_their_reason(engine, store):
     assert (v["id"], v["email"], v["event"]) == (dead, "a@x.com", "cart_updated")
     assert (v["attempts"], v["last_status_code"], v["last_error"]) == (1, 400, reason)
     assert v["failed_at"] is not None
-
-
-def test_store_dead_letters_lists_the_newest_dead_rows_first(engine, store):
-    a, _, c = add(engine, "a@x.com", "b@x.com", "c@x.com")
-    make_dead(engine, [a, c], code=400)
-    listed = store.dead_letters()
-    assert [(r.id, r.last_status_code, r.last_error) for r in listed] == [
-        (c, 400, "HTTP 400 refused"),
-        (a, 400, "HTTP 400 refused"),
-    ]
 
 
 def test_the_claim_probes_one_contact_at_a_time_even_with_stale_statistics(pg_url):

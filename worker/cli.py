@@ -26,6 +26,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from worker import db, output
+from worker.admin import InvalidSelection
 from worker.config import (
     BOUNDS,
     DEFAULT_DATABASE_URL,
@@ -38,10 +39,10 @@ from worker.config import (
     check_number,
     env_variable,
     number_text,
-    parse_duration,
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
+from worker.when import InvalidTime, parse_duration, parse_when
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -70,7 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`stats | head -1`): nothing more to say, and nobody to say it to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (UsageError, SettingsError, db.ConfigurationError, InvalidEvent) as exc:
+    except (
+        UsageError,
+        SettingsError,
+        db.ConfigurationError,
+        InvalidEvent,
+        InvalidTime,
+        InvalidSelection,
+    ) as exc:
         print(f"outbox-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except db.SchemaNotCurrent as exc:
@@ -184,7 +192,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             "properties": _json_flag("--properties", args.properties),
             "eventdata": _json_flag("--eventdata", args.eventdata),
             "idempotency_key": args.idempotency_key,
-            "deliver_after": parse_duration(args.deliver_after) if args.deliver_after else None,
+            "deliver_after": parse_when(args.deliver_after, "--deliver-after")
+            if args.deliver_after
+            else None,
         }
         rows = [prepare_row(spec, args.max_body_bytes)]
     engine = db.create_engine(args.database_url)
@@ -228,37 +238,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
     except KeyboardInterrupt:  # how one leaves --watch
         return 0
-
-
-def cmd_dead_list(args: argparse.Namespace) -> int:
-    rows = _store(args).dead_letters(args.limit)
-    if args.json:
-        for row in rows:
-            print(json.dumps(output.row_dict(row), default=str, ensure_ascii=False))
-    else:
-        output.print_dead_letters(rows)
-    return 0
-
-
-def cmd_dead_requeue(args: argparse.Namespace) -> int:
-    _require_selection(args)
-    count = _store(args).requeue(args.id or (), args.status_code, args.all)
-    print(f"requeued {count} dead events")
-    return 0
-
-
-def cmd_dead_purge(args: argparse.Namespace) -> int:
-    _require_selection(args)
-    count = _store(args).purge(args.id or (), args.status_code, args.all)
-    print(f"purged {count} dead events")
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    count = _store(args).prune(parse_duration(args.older_than), include_dead=args.include_dead)
-    kinds = "delivered and dead" if args.include_dead else "delivered"
-    print(f"pruned {count} {kinds} events finished more than {args.older_than} ago")
-    return 0
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -362,11 +341,6 @@ def _store(args: argparse.Namespace) -> Any:
     return OutboxStore(engine)
 
 
-def _require_selection(args: argparse.Namespace) -> None:
-    if not (args.id or args.status_code is not None or args.all):
-        raise UsageError("say which dead events: --id N [N ...], --status-code C, or --all")
-
-
 def _json_flag(flag: str, text: str | None) -> Any:
     if text is None:
         return None
@@ -377,34 +351,55 @@ def _json_flag(flag: str, text: str | None) -> Any:
 
 
 def _rows_from_jsonl(path: str, max_body_bytes: int) -> list[dict[str, Any]]:
-    """Every line validated before anything is written: all or nothing."""
-    from worker.enqueue import prepare_row
-
+    """Every line validated before anything is written: all or nothing, every bad line said."""
     stream: IO[bytes] = sys.stdin.buffer if path == "-" else _open_input(path)
-    rows = []
+    rows, bad = [], 0
     with stream:
         for number, raw in enumerate(stream, start=1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError(f"line {number}: not valid UTF-8") from None
-            if not line.strip():
+                row = _row_from_line(raw, max_body_bytes)
+            except UsageError as exc:
+                bad += 1
+                if bad <= MAX_BAD_LINES_SHOWN:
+                    print(f"line {number}: {exc}", file=sys.stderr)
                 continue
-            try:
-                # NaN and Infinity parse here and are refused by validation,
-                # which names the field that holds them.
-                record = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise UsageError(f"line {number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise UsageError(f"line {number}: must be a JSON object")
-            try:
-                rows.append(prepare_row(record, max_body_bytes))
-            except InvalidEvent as exc:
-                raise UsageError(f"line {number}: {exc}") from None
+            if row is not None:
+                rows.append(row)
+    if bad:
+        if bad > MAX_BAD_LINES_SHOWN:
+            print(f"... and {bad - MAX_BAD_LINES_SHOWN} more bad lines", file=sys.stderr)
+        plural = "" if bad == 1 else "s"
+        raise UsageError(f"nothing was enqueued: {bad} bad line{plural} (of {bad + len(rows)})")
     if not rows:
         raise UsageError(f"{path}: no events in it")
     return rows
+
+
+MAX_BAD_LINES_SHOWN = 20
+
+
+def _row_from_line(raw: bytes, max_body_bytes: int) -> dict[str, Any] | None:
+    """One JSON Lines record as a row to insert (None for a blank line), or UsageError."""
+    from worker.enqueue import prepare_row
+
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("not valid UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        # NaN and Infinity parse here and are refused by validation,
+        # which names the field that holds them.
+        record = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise UsageError("must be a JSON object")
+    try:
+        return prepare_row(record, max_body_bytes)
+    except InvalidEvent as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _open_input(path: str) -> IO[bytes]:
@@ -485,9 +480,9 @@ def _switch(text: str) -> bool:
 
 def _duration(text: str) -> dt.timedelta:
     try:
-        return parse_duration(text)
-    except SettingsError as exc:
-        raise argparse.ArgumentTypeError(f"must be a duration: {exc}") from None
+        return parse_duration(text, "the duration")
+    except InvalidTime as exc:
+        raise argparse.ArgumentTypeError(exc.rule) from None
 
 
 def _retention(text: str) -> dt.timedelta | None:
@@ -658,7 +653,10 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--properties", help="a JSON object")
     enqueue.add_argument("--eventdata", help='a JSON object: {"id": "...", "data": {...}}')
     enqueue.add_argument("--idempotency-key")
-    enqueue.add_argument("--deliver-after", help="a delay, e.g. 30s, 15m, 2h")
+    enqueue.add_argument(
+        "--deliver-after",
+        help="not before: a delay (90s, 15m, 2h, 1d) or an ISO 8601 time with an offset or Z",
+    )
     enqueue.add_argument("--file", help="JSON Lines, one event per line; - for stdin")
     enqueue.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
 
@@ -672,28 +670,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds between refreshes ({bounds_text('--interval')}; default 1)",
     )
 
-    dead = sub.add_parser("dead-letters", help="inspect and replay what failed")
-    dead_sub = dead.add_subparsers(metavar="action")
-    for name, handler, help_ in (
-        ("list", cmd_dead_list, "the newest dead events and why they failed"),
-        ("requeue", cmd_dead_requeue, "dead events back to pending, attempts 0, due now"),
-        ("purge", cmd_dead_purge, "delete dead events"),
-    ):
-        p = dead_sub.add_parser(name, help=help_, description=help_, parents=[common])
-        p.set_defaults(handler=handler)
-        if name == "list":
-            p.add_argument("--limit", type=_positive_int, default=50)
-            p.add_argument("--json", action="store_true", help="one JSON object per line")
-        else:
-            p.add_argument("--id", type=int, nargs="+", help="outbox ids")
-            p.add_argument(
-                "--status-code", type=int, help="every dead event whose last answer was C"
-            )
-            p.add_argument("--all", action="store_true", help="every dead event")
+    from worker import admin_cli  # it imports this module: here, once this one is loaded
 
-    prune = command("prune", cmd_prune, "delete delivered (and optionally dead) events")
-    prune.add_argument("--older-than", default="7d", help="finished this long ago (default 7d)")
-    prune.add_argument("--include-dead", action="store_true", help="dead events too")
+    admin_cli.add_commands(sub, common)
 
     sink = command(
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)

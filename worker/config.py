@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import math
-import re
 from urllib.parse import urlsplit
 
 from worker.event import MAX_BODY_BYTES
@@ -171,18 +170,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'90', '90s', '15m', '12h', '7d', '2w' (seconds when no unit is given)."""
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise SettingsError(f"{text!r} is not a duration: use e.g. 30s, 15m, 12h or 7d")
-    try:
-        return dt.timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    except OverflowError:
-        raise SettingsError(f"{text!r} is longer than any duration can be") from None

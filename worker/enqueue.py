@@ -11,8 +11,10 @@ from sqlalchemy.orm import Session, scoped_session
 
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
 from worker.schema import UTCDateTime, dialect_insert, outbox_events, seconds_from_now
+from worker.when import InvalidTime, parse_when
 
-DeliverAfter = dt.datetime | dt.timedelta | None
+# Also text or a number of seconds: "2031-05-06T14:30:00Z", "10m", 90 (see worker.when).
+DeliverAfter = dt.datetime | dt.timedelta | str | float | None
 
 
 def track_event(
@@ -135,9 +137,15 @@ def _idempotency_key(key: Any) -> str | None:
     return key
 
 
-def _deliver_after(value: Any) -> DeliverAfter:
+def _deliver_after(value: Any) -> dt.datetime | dt.timedelta | None:
     if value is None:
         return None
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        # Text and numbers, as JSON Lines and flags give them: the one parser for times.
+        try:
+            return parse_when(value, "deliver_after")
+        except InvalidTime as exc:
+            raise InvalidEvent("deliver_after", exc.rule) from None
     # The time it names must exist between the years 1 and 9999, where both
     # databases and Python can hold it.
     try:
@@ -150,7 +158,10 @@ def _deliver_after(value: Any) -> DeliverAfter:
             return value
     except OverflowError:
         raise InvalidEvent("deliver_after", "is out of range (years 1 to 9999)") from None
-    raise InvalidEvent("deliver_after", "must be a datetime or a timedelta")
+    raise InvalidEvent(
+        "deliver_after",
+        "must be a datetime, a timedelta, an ISO 8601 timestamp with an offset, or a duration",
+    )
 
 
 def _insert_statement(insert: Any) -> Any:

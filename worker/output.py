@@ -64,6 +64,28 @@ def row_dict(row: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+def json_line(value: Any) -> str:
+    """One line of JSON; timestamps in ISO 8601 with `T` and their offset (UTC: +00:00)."""
+    return json.dumps(value, default=_json_value, ensure_ascii=False)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def detail_dict(detail: Any) -> dict[str, Any]:
+    """`events show --json`: the row, the exact body (text) and every attempt."""
+    event = {k: v for k, v in row_dict(detail.row).items() if not k.endswith("_json")}
+    return {
+        "event": event,
+        "body": detail.body,
+        "body_error": detail.body_error,
+        "attempts": [row_dict(a) for a in detail.attempts],
+    }
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -120,25 +142,93 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], widths: Sequenc
     return "\n".join(out)
 
 
-def print_dead_letters(rows: Sequence[Any]) -> None:
+def _utc(value: dt.datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else None
+
+
+def print_events(rows: Sequence[Any], dead: bool = False) -> None:
+    """A list of events, newest first; for dead ones, when and why they failed."""
     if not rows:
-        print("no dead letters")
+        print("no dead letters" if dead else "no events")
         return
-    print(
-        table(
-            ["id", "email", "event", "code", "tries", "failed at (UTC)", "last error"],
+    if dead:
+        dead_headers = ["id", "email", "event", "code", "tries", "failed at (UTC)", "last error"]
+        dead_cells = [
             (
-                (
-                    r.id,
-                    r.email,
-                    r.event,
-                    r.last_status_code,
-                    r.attempts,
-                    r.failed_at.strftime("%Y-%m-%d %H:%M:%S") if r.failed_at else None,
-                    r.last_error,
-                )
-                for r in rows
-            ),
-            [8, 28, 20, 5, 5, 19, 70],
+                r.id,
+                r.email,
+                r.event,
+                r.last_status_code,
+                r.attempts,
+                _utc(r.failed_at),
+                r.last_error,
+            )
+            for r in rows
+        ]
+        print(table(dead_headers, dead_cells, [8, 28, 20, 5, 5, 19, 70]))
+        return
+    headers = ["id", "status", "email", "event", "tries", "code", "created (UTC)", "last error"]
+    cells = [
+        (
+            r.id,
+            r.status,
+            r.email,
+            r.event,
+            r.attempts,
+            r.last_status_code,
+            _utc(r.created_at),
+            r.last_error,
         )
-    )
+        for r in rows
+    ]
+    print(table(headers, cells, [8, 9, 28, 20, 5, 5, 19, 60]))
+
+
+_SHOWN_FIELDS = (
+    ("email", "email"),
+    ("event", "event"),
+    ("properties", "properties"),
+    ("eventdata", "eventdata"),
+    ("created_at", "created at"),
+    ("attempts", "attempts"),
+    ("next_attempt_at", "next attempt at"),
+    ("delivered_at", "delivered at"),
+    ("failed_at", "failed at"),
+    ("last_status_code", "last status code"),
+    ("last_error", "last error"),
+    ("idempotency_key", "idempotency key"),
+    ("lease_token", "claimed by"),
+    ("lease_expires_at", "claim expires at"),
+)
+
+
+def print_event(detail: Any) -> None:
+    """`events show`: the row, the body exactly as it is sent, and every attempt."""
+    row = detail.row
+    lines = [f"outbox id {row.id}: {row.status}"]
+    for column, label in _SHOWN_FIELDS:
+        value = getattr(row, column)
+        if isinstance(value, dt.datetime):
+            value = value.isoformat()
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        lines.append(f"  {label:<18}{'-' if value is None else value}")
+    if detail.body is not None:
+        lines += ["body (sent as is):", f"  {detail.body}"]
+    else:
+        lines.append(f"body: none, it cannot be sent ({detail.body_error})")
+    if detail.attempts:
+        lines.append("attempts:")
+        lines.append(
+            table(
+                ["  #", "at (UTC)", "code", "ms", "error"],
+                (
+                    (f"  {a.attempt}", _utc(a.attempted_at), a.status_code, a.duration_ms, a.error)
+                    for a in detail.attempts
+                ),
+                [4, 19, 5, 7, 70],
+            )
+        )
+    else:
+        lines.append("attempts: none failed")
+    print("\n".join(lines))

@@ -2,7 +2,8 @@
 
 Every statement is SQLAlchemy Core, built once at import and shared by
 SQLite and PostgreSQL; where they differ (row locks, NOTIFY) the difference
-is named here. Hot-path work is set-based: one claim statement per batch,
+is named here. The operator's selections and changes (lists, requeue, purge,
+cancel) are worker.admin's. Hot-path work is set-based: one claim statement per batch,
 one transaction per batch of outcomes.
 """
 
@@ -20,6 +21,7 @@ from sqlalchemy.dialects import postgresql
 
 from worker.policy import Action, Outcome
 from worker.schema import (
+    UTCDateTime,
     contact_key,
     dialect_insert,
     outbox_attempts,
@@ -424,62 +426,20 @@ class OutboxStore:
             ],
         )
 
-    def dead_letters(self, limit: int = 50) -> list[sa.Row[Any]]:
-        """The newest dead rows with why they failed, as the outbox_dead_letters view shows."""
-        view = sa.table(
-            "outbox_dead_letters",
-            *(sa.column(n) for n in ("id", "email", "event", "attempts", "last_status_code")),
-            sa.column("last_error"),
-            sa.column("failed_at", type_=e.c.failed_at.type),
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(view).order_by(view.c.id.desc()).limit(limit)).all()
-
-    def requeue(
-        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
-    ) -> int:
-        """Dead rows back to pending with a fresh budget, due now."""
-        where = _dead_selection(ids, status_code, everything)
-        statement = (
-            sa.update(e)
-            .where(where)
-            .values(status=_PENDING, attempts=0, next_attempt_at=utcnow(), failed_at=None)
-        )
-        with self.engine.begin() as conn:
-            count = conn.execute(statement).rowcount
-            if count and self.dialect == "postgresql":
-                conn.execute(sa.text("SELECT pg_notify('outbox_events', '')"))
-        return count
-
-    def purge(
-        self, ids: Iterable[int] = (), status_code: int | None = None, everything: bool = False
-    ) -> int:
-        """Delete dead rows (their attempt history goes with them)."""
-        where = _dead_selection(ids, status_code, everything)
-        with self.engine.begin() as conn:
-            return conn.execute(sa.delete(e).where(where)).rowcount
-
     def prune(
         self,
-        older_than: dt.timedelta,
+        older_than: dt.timedelta | dt.datetime,
         include_dead: bool = False,
         batch_size: int = 1000,
         stop: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Delete delivered (and optionally dead) rows finished before `older_than` ago.
+        """Delete delivered (and optionally dead) rows finished before `older_than` ago
+        (or before that time, given a datetime).
 
         In small batches, each its own transaction, so a large prune never holds
         long locks or one huge transaction.
         """
-        cutoff = seconds_from_now(-older_than.total_seconds())
-        finished = e.c.status == _DELIVERED
-        if include_dead:
-            finished = sa.or_(
-                sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff),
-                sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff),
-            )
-        else:
-            finished = sa.and_(finished, e.c.delivered_at < cutoff)
+        finished = finished_before(older_than, include_dead)
         batch = sa.select(e.c.id).where(finished).limit(batch_size).scalar_subquery()
         statement = sa.delete(e).where(e.c.id.in_(batch))
         total = 0
@@ -528,16 +488,16 @@ def _timestamp(value: Any) -> dt.datetime | None:
     return value.astimezone(dt.timezone.utc)
 
 
-def _dead_selection(ids: Iterable[int], status_code: int | None, everything: bool) -> Any:
-    ids = list(ids)
-    if not (ids or status_code is not None or everything):
-        raise ValueError("name the dead rows: ids, a status code, or everything")
-    where = e.c.status == _DEAD
-    if ids:
-        where = sa.and_(where, e.c.id.in_(ids))
-    if status_code is not None:
-        where = sa.and_(where, e.c.last_status_code == status_code)
-    return where
+def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) -> Any:
+    """Delivered (and optionally dead) rows finished before a time, or that long ago."""
+    if isinstance(older_than, dt.datetime):
+        cutoff: Any = sa.literal(older_than, UTCDateTime())
+    else:
+        cutoff = seconds_from_now(-older_than.total_seconds())
+    finished = sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff)
+    if include_dead:
+        finished = sa.or_(finished, sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff))
+    return finished
 
 
 def _writes_attempt(outcome: Outcome) -> bool:
