@@ -14,6 +14,7 @@ import datetime as dt
 import email.utils
 import json
 import signal
+import socket
 import threading
 import time
 
@@ -187,8 +188,11 @@ def test_rate_limit_headers_on_a_2xx_pause_within_the_ceiling_and_show_it(
     )
     engine = engine_for(sqlite_url)
     enqueue(engine, 3)
+    with socket.socket() as probe:  # a free port for the metrics
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     daemon = spawn(
-        sqlite_url, endpoint.url, "--poll-interval", "0.1", "--metrics-port", "0",
+        sqlite_url, endpoint.url, "--poll-interval", "0.1", "--metrics-port", str(port),
         "--metrics-host", "127.0.0.1",
     )  # fmt: skip
     wait_until(lambda: "pausing all sends until" in daemon.log(), 20, "the pause, logged")
@@ -207,7 +211,6 @@ def test_rate_limit_headers_on_a_2xx_pause_within_the_ceiling_and_show_it(
     assert dt.datetime.fromisoformat(shown) == until
     human = run_cli("stats", "--database-url", sqlite_url).stdout
     assert f"PAUSED by the endpoint's rate limit until {until.isoformat()}" in human
-    port = int(daemon.log().split("metrics on http://127.0.0.1:")[1].split("/")[0])
     ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     assert ready.status_code == 503 and "paused" in ready.text
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

@@ -339,7 +339,7 @@ class Daemon:
 
     def _stop_waiting(self, state: tenacity.RetryCallState) -> bool:
         limit = self.settings.database_patience()
-        if limit is not None and state.seconds_since_start >= limit:
+        if limit is not None and (state.seconds_since_start or 0.0) >= limit:
             exc = state.outcome.exception() if state.outcome else None
             raise DatabaseGaveUp(
                 f"gave up: the database did not answer for {limit:g}s"
