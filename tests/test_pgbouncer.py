@@ -20,8 +20,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from tests.conftest import KEY, rows
+from tests.daemons import all_delivered, enqueue, ids_with_status, received, wait_until
+from tests.endpoint import Reply
 from tests.pgserver import PostgresServer, free_port
 from worker import db, track_events
+from worker.store import OutboxStore
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -94,4 +97,50 @@ def test_through_a_transaction_pooler_wakeups_are_off_and_polling_delivers(bounc
     assert len(endpoint.requests) == 50
     assert log.count("wake-ups off") == 1
     assert "Traceback" not in log
+    engine.dispose()
+
+
+def test_through_a_transaction_pooler_one_store_at_a_time_is_the_maintenance_leader(bouncer):
+    # The pooler hands each transaction to any server connection: a session-level
+    # lock taken in one transaction is seen as "already mine" by the next client
+    # that lands on that server connection, and an unlock may miss it for good.
+    stores = [OutboxStore(db.create_engine(bouncer)) for _ in range(2)]
+    try:
+        for _ in range(3):
+            with stores[0].maintenance_lock() as first, stores[1].maintenance_lock() as second:
+                assert (first, second) == (True, False)
+            with stores[1].maintenance_lock() as later:
+                assert later is True
+    finally:
+        for store in stores:
+            store.engine.dispose()
+
+
+def test_through_a_transaction_pooler_a_killed_daemons_rows_are_taken_back_by_the_other(
+    bouncer, endpoint, spawn
+):
+    engine = db.create_engine(bouncer)
+    lease = 3.0
+    # Answers take longer than the lease: only its renewal keeps the rows in flight.
+    flags = ("--lease", str(lease), "--timeout", "60", "--poll-interval", "0.1")
+    endpoint.default = Reply(delay=30)  # the first daemon's requests do not come back
+    endpoint.script("crash_test", Reply())  # but the first: slow start opens up after it
+    warm_up = enqueue(engine, 1)
+    markers = enqueue(engine, 4)
+    first = spawn(bouncer, endpoint.url, *flags)
+    wait_until(lambda: len(endpoint.requests) >= 5, 20, "the first daemon's requests")
+    second = spawn(bouncer, endpoint.url, *flags)
+    # Both lead maintenance rounds while the first renews its leases: nothing is taken back.
+    wait_until(lambda: "wake-ups off" in second.log(), 20, "the second daemon's polling")
+    time.sleep(2 * lease)
+    assert ids_with_status(engine, "in_flight") == set(markers.values())
+    first.kill()
+    endpoint.default = Reply()
+    wait_until(
+        all_delivered(engine, 5), 4 * lease + 10, "the second daemon to take back and deliver"
+    )
+    assert second.stop() == 0
+    assert received(endpoint) == {**dict.fromkeys(warm_up, 1), **dict.fromkeys(markers, 2)}
+    assert "took back 4 rows whose claim expired" in second.log()
+    assert "maintenance skipped" not in first.log() + second.log()
     engine.dispose()

@@ -356,21 +356,22 @@ class OutboxStore:
 
     @contextlib.contextmanager
     def maintenance_lock(self) -> Iterator[bool]:
-        """Whether this process is the one to do maintenance now (always, on SQLite)."""
+        """Whether this process is the one to do maintenance now (always, on SQLite).
+
+        The lock is transaction-scoped and held by a transaction left open for the
+        round: a transaction-pooling PgBouncer hands each transaction to any server
+        connection, so a session lock would be "already held" by the next client to
+        land on that connection, and its unlock could miss it for good. The open
+        transaction takes no snapshot between statements, so it holds back no vacuum.
+        """
         if self.dialect != "postgresql":
             yield True
             return
-        with self.engine.connect() as conn:
+        with self.engine.begin() as conn:
             elected = conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}
+                sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}
             ).scalar()
-            conn.commit()
-            try:
-                yield bool(elected)
-            finally:
-                if elected:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
-                    conn.commit()
+            yield bool(elected)
 
     # -- the operator's commands ---------------------------------------------
 
