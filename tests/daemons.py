@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.conftest import KEY
-from tests.endpoint import Endpoint
+from tests.endpoint import Endpoint, Received
 from worker import track_events
 
 _markers = itertools.count(1)
@@ -56,16 +56,21 @@ def enqueue(engine: sa.Engine, count: int, contacts: int = 1_000_000) -> dict[st
     return dict(zip(markers, ids, strict=True))
 
 
-def complete_bodies(endpoint: Endpoint) -> list[Any]:
-    """The bodies that reached the endpoint whole. A daemon killed while writing a
-    request leaves a truncated one: that is no delivery (its row is sent again)."""
-    bodies = []
+def whole_requests(endpoint: Endpoint) -> list[tuple[Received, Any]]:
+    """The requests that reached the endpoint whole, with their bodies. A daemon
+    killed while writing a request leaves a truncated one: that is no delivery
+    (its row is sent again)."""
+    whole = []
     for request in list(endpoint.requests):
         if len(request.raw) != int(request.headers.get("content-length") or -1):
             continue
         with contextlib.suppress(ValueError):
-            bodies.append(json.loads(request.raw))
-    return bodies
+            whole.append((request, json.loads(request.raw)))
+    return whole
+
+
+def complete_bodies(endpoint: Endpoint) -> list[Any]:
+    return [body for _, body in whole_requests(endpoint)]
 
 
 def truncated(endpoint: Endpoint) -> int:
@@ -75,6 +80,15 @@ def truncated(endpoint: Endpoint) -> int:
 def received(endpoint: Endpoint) -> collections.Counter[str]:
     """How many times each marker reached the endpoint (in a whole request)."""
     return collections.Counter(body["eventdata"]["id"] for body in complete_bodies(endpoint))
+
+
+def delivered(endpoint: Endpoint) -> collections.Counter[str]:
+    """How many times each marker was answered 2xx (in a whole request)."""
+    return collections.Counter(
+        body["eventdata"]["id"]
+        for request, body in whole_requests(endpoint)
+        if 200 <= request.status < 300
+    )
 
 
 def duplicates(counts: collections.Counter[str]) -> int:

@@ -1,7 +1,9 @@
 """A programmable track-event endpoint for the tests: real HTTP on 127.0.0.1.
 
 Answers 204 by default; `script(event_name, *answers)` queues the answers
-that the next requests for that event get, in order. Every request is kept.
+that the next requests for that event get, in order; `choose`, when set, picks
+every other answer (a soak's mix of slow answers and 429s). Every request is
+kept, with the status it was answered.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +32,7 @@ class Received:
     headers: dict[str, str]
     raw: bytes
     at: float
+    status: int = 0  # what it was answered
 
     @property
     def json(self) -> Any:
@@ -46,6 +50,7 @@ class Endpoint:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.default = Reply()
+        self.choose: Callable[[], Reply] | None = None
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -78,7 +83,14 @@ class Endpoint:
             except ValueError:
                 name = None
             queue = self._scripts.get(name)
-            return queue.popleft() if queue else self.default
+            if queue:
+                reply = queue.popleft()
+            elif self.choose:
+                reply = self.choose()
+            else:
+                reply = self.default
+            received.status = reply.status
+            return reply
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         endpoint = self

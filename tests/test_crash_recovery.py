@@ -38,6 +38,7 @@ from tests.daemons import (
     DaemonProcess,
     all_delivered,
     complete_bodies,
+    delivered,
     duplicates,
     enqueue,
     ids_with_status,
@@ -613,3 +614,123 @@ def test_signal_with_slow_requests_in_flight_exits_0_and_leaves_nothing_in_fligh
     assert {(rows[i].status, rows[i].attempts) for i in later.values()} == {("pending", 0)}
     assert attempt_rows == 0
     engine.dispose()
+
+
+# -- 8. Everything at once: the endpoint's limits and SIGKILLs ---------------------------
+
+# A lease far shorter than the slowest answers and the 429 pauses: only its renewal
+# keeps a live daemon's claims; the rate limit makes rows wait their turn too.
+STORM_FLAGS = ("--lease", "2", "--timeout", "5", "--poll-interval", "0.1")
+STORM_FLAGS += ("--concurrency", "8", "--batch-size", "16", "--rate-limit", "25")
+
+
+@dataclass
+class StormRun:
+    markers: dict[str, int]
+    delivered_copies: collections.Counter[str]  # answered 2xx, whole
+    in_flight_at_kills: list[set[int]]
+    rounds_without_kill: int
+    statuses: dict[str, int]
+    drain: subprocess.CompletedProcess[str]
+    logs: list[str]
+
+
+@pytest.fixture(scope="module")
+def storm_run(
+    pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StormRun]:
+    """Rounds against an endpoint that answers slowly at times and 429s with
+    Retry-After, under --rate-limit: every other round ends in a SIGKILL at a random
+    moment, the others run until everything so far is delivered and stop with
+    SIGTERM. Then one run with --exit-when-drained."""
+    rounds, per_round = (20, 400) if SOAK else (4, 120)
+    rng = random.Random(SEED)
+
+    def choose() -> Reply:
+        roll = rng.random()
+        if roll < 0.03:
+            return Reply(429, headers={"Retry-After": "1"})
+        if roll < 0.08:
+            return Reply(delay=rng.uniform(1.0, 2.5))  # past the lease, within --timeout
+        return Reply(delay=rng.uniform(0.0, 0.05))
+
+    url = new_pg_database(pg_server)
+    engine = engine_for(url)
+    endpoint = Endpoint()
+    endpoint.choose = choose
+    logs = tmp_path_factory.mktemp("storm")
+    markers: dict[str, int] = {}
+    in_flight_at_kills: list[set[int]] = []
+    daemons: list[DaemonProcess] = []
+    try:
+        for n in range(rounds):
+            markers.update(enqueue(engine, per_round, contacts=48))
+            daemon = DaemonProcess(url, endpoint.url, logs / f"round-{n}.log", *STORM_FLAGS)
+            daemons.append(daemon)
+            if n % 2 == 0:
+                time.sleep(rng.uniform(0.5, 3.0))
+                daemon.kill()
+                in_flight_at_kills.append(ids_with_status(engine, "in_flight"))
+            else:
+                wait_until(all_delivered(engine, len(markers)), 300, f"round {n} to deliver")
+                assert daemon.stop() == 0, daemon.log()
+        time.sleep(2.5)  # the last kill's claims are not due before their lease ends
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint.url, OUTBOX_DATABASE_URL=url)
+        drain = subprocess.run(
+            [sys.executable, "-m", "worker", "run", "--exit-when-drained", *STORM_FLAGS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        copies = delivered(endpoint)
+        run = StormRun(
+            markers=markers,
+            delivered_copies=copies,
+            in_flight_at_kills=in_flight_at_kills,
+            rounds_without_kill=rounds - len(in_flight_at_kills),
+            statuses=status_counts(engine),
+            drain=drain,
+            logs=[d.log() for d in daemons] + [drain.stderr],
+        )
+        report(
+            "storm (slow answers, 429 pauses, rate limit, SIGKILLs)",
+            rounds=rounds,
+            kills=len(in_flight_at_kills),
+            events=len(markers),
+            requests=len(endpoint.requests),
+            answered_429=sum(r.status == 429 for r in endpoint.requests),
+            in_flight_at_kills=sum(map(len, in_flight_at_kills)),
+            lost=len(set(markers) - set(copies)),
+            duplicates=duplicates(copies),
+            drain_exit=drain.returncode,
+        )
+        yield run
+    finally:
+        for daemon in daemons:
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+        endpoint.close()
+        engine.dispose()
+
+
+def test_storm_loses_no_committed_event(storm_run):
+    run = storm_run
+    assert run.drain.returncode == 0, run.drain.stderr
+    assert set(run.markers) - set(run.delivered_copies) == set()
+    assert run.statuses == {"delivered": len(run.markers)}
+
+
+def test_storm_sends_twice_only_rows_that_were_in_flight_at_a_kill(storm_run):
+    run = storm_run
+    ids = run.markers
+    twice = {m: n for m, n in run.delivered_copies.items() if n > 1}
+    for marker, copies in twice.items():
+        held_at = sum(ids[marker] in held for held in run.in_flight_at_kills)
+        assert copies <= 1 + held_at, f"{marker} (id {ids[marker]}) delivered {copies} times"
+
+
+def test_storm_logs_no_traceback(storm_run):
+    for log in storm_run.logs:
+        assert "Traceback" not in log, log
