@@ -44,8 +44,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     dry = argparse.ArgumentParser(add_help=False)
     dry.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
 
-    def command(parent: Any, name: str, handler: Callable[..., int], help_: str, *parents: Any):
-        p = parent.add_parser(name, help=help_, description=help_, parents=[common, *parents])
+    def command(
+        parent: Any, name: str, handler: Callable[..., int], help_: str, *parents: Any
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_, parents=[common, *parents]
+        )
         p.set_defaults(handler=handler)
         return p
 

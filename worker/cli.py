@@ -203,7 +203,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         ids, new = insert_rows_reporting_new(session.connection(), rows)
     # Lines whose idempotency key was there already, or came earlier in the file.
     first_seen: set[int] = set()
-    kept = [i for i in ids if i not in new or i in first_seen or first_seen.add(i)]
+    kept = []
+    for i in ids:
+        if i not in new or i in first_seen:
+            kept.append(i)
+        first_seen.add(i)
     if len(ids) == 1:
         print(f"enqueued outbox id {ids[0]}" if new else f"already there: outbox id {ids[0]}")
         return 0
@@ -534,7 +538,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Deliver the outbox_events table to the track-event endpoint.",
     )
     parser.add_argument("--version", action=_Version, help="print the version and exit")
-    logged = argparse.ArgumentParser(add_help=False)
+    # The shared options' parsers are of the subcommands' class, as add_parser's
+    # `parents` is typed; only their arguments are used.
+    logged = _Parser(add_help=False)
     logged.add_argument(
         "--log-level",
         default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO").upper(),
@@ -546,13 +552,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("OUTBOX_LOG_FORMAT", "text"),
         help="one line per record: text, or a JSON object (env OUTBOX_LOG_FORMAT; default text)",
     )
-    common = argparse.ArgumentParser(add_help=False, parents=[logged])
+    common = _Parser(add_help=False, parents=[logged])
     common.add_argument(
         "--database-url",
         default=os.environ.get("OUTBOX_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
     )
-    keyed = argparse.ArgumentParser(add_help=False)
+    keyed = _Parser(add_help=False)
     _option(
         keyed,
         "--ma-key-file",
@@ -562,7 +568,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="command")
 
     def command(
-        name: str, handler: Callable[[argparse.Namespace], int], help: str, parents=(common,)
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help: str,
+        parents: tuple[_Parser, ...] = (common,),
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=list(parents))
         p.set_defaults(handler=handler)

@@ -51,8 +51,8 @@ class Deliverer:
         self._session.mount("https://", adapter)
         # Proxy and CA bundle settings from the environment, read once rather
         # than on every request; then the session stops looking.
-        self._send_options: dict[str, Any] = self._session.merge_environment_settings(
-            endpoint_url, {}, None, None, None
+        self._send_options: dict[str, Any] = dict(
+            self._session.merge_environment_settings(endpoint_url, {}, None, None, None)
         )
         self._session.trust_env = False
         # stream: the body is read here, bounded in size (and in time, by _deadlines).
@@ -114,7 +114,7 @@ class Deliverer:
 def _read_body(response: requests.Response) -> bytes:
     """At most MAX_BODY_READ bytes of the body; the connection is kept only if that was all."""
     try:
-        return response.raw.read(MAX_BODY_READ, decode_content=True)
+        return bytes(response.raw.read(MAX_BODY_READ, decode_content=True))
     finally:
         response.close()  # a body read to its end has already gone back to the pool
 
@@ -197,6 +197,7 @@ class _AnswerDeadline:
         # urllib3 has just sent the request and set self.timeout to the read timeout.
         if isinstance(self.timeout, (int, float)):
             _deadlines.arm(self.sock, self.timeout)
+        # A mixin: the connection class it is mixed into has getresponse.
         return super().getresponse()  # type: ignore[misc]
 
 
@@ -329,6 +330,7 @@ def _innermost(exc: BaseException) -> BaseException:
     # urllib3 wraps the socket error several times; the innermost says it best.
     seen = exc
     while seen.__cause__ is not None or seen.__context__ is not None:
+        # The loop condition says one of the two is not None.
         seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
     return seen
 

@@ -17,15 +17,13 @@ class LogFormatter(logging.Formatter):
     """UTC timestamps, text or JSON lines, and the last line of defence for secrets:
     whatever reaches a record (message or traceback) has them replaced before output."""
 
-    converter = time.gmtime
-
     def __init__(self, as_json: bool = False, secrets: Iterable[str] = ()) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._as_json = as_json
         self._secrets = [s for s in secrets if s]
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:

@@ -67,8 +67,10 @@ class RetryBudget:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after the given failed attempt (1 for the first)."""
+        # The wait strategies read only attempt_number: no Retrying object exists here.
         state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = attempt
+        # _wait is set in __post_init__ through object.__setattr__ (a frozen dataclass).
         return float(self._wait(state))  # type: ignore[attr-defined]
 
 

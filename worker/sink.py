@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 from worker.event import InvalidEvent, from_json_object
@@ -50,7 +50,8 @@ class Sink:
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
+        # An AF_INET server: its address is (str, int).
+        host, port = cast(tuple[str, int], self.server.server_address[:2])
         return f"http://{host}:{port}{TRACK_EVENT_PATH}"
 
     def start(self) -> Sink:

@@ -38,10 +38,10 @@ DAEMON_SILENCE = 120.0
 
 # Literal status values (not bound parameters), so that PostgreSQL's planner
 # matches the partial indexes' predicates on every plan, generic ones included.
-_PENDING = sa.literal_column("'pending'")
-_IN_FLIGHT = sa.literal_column("'in_flight'")
-_DELIVERED = sa.literal_column("'delivered'")
-_DEAD = sa.literal_column("'dead'")
+_PENDING: sa.ColumnClause[str] = sa.literal_column("'pending'")
+_IN_FLIGHT: sa.ColumnClause[str] = sa.literal_column("'in_flight'")
+_DELIVERED: sa.ColumnClause[str] = sa.literal_column("'delivered'")
+_DEAD: sa.ColumnClause[str] = sa.literal_column("'dead'")
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ _STATUS = {
 }
 _OUTCOME_COLUMNS = ("id", "token", "status", "charge", "code", "error", "delay")
 _ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms")
-_TYPES = {
+_TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.BigInteger(),
     "token": sa.String(),
     "status": sa.String(),
