@@ -622,6 +622,8 @@ def test_signal_with_slow_requests_in_flight_exits_0_and_leaves_nothing_in_fligh
 # keeps a live daemon's claims; the rate limit makes rows wait their turn too.
 STORM_FLAGS = ("--lease", "2", "--timeout", "5", "--poll-interval", "0.1")
 STORM_FLAGS += ("--concurrency", "8", "--batch-size", "16", "--rate-limit", "25")
+# The rounds run in the first test's time: at 25 requests/s the soak's take minutes.
+storm_timeout = pytest.mark.timeout(900 if SOAK else 180)
 
 
 @dataclass
@@ -643,7 +645,7 @@ def storm_run(
     Retry-After, under --rate-limit: every other round ends in a SIGKILL at a random
     moment, the others run until everything so far is delivered and stop with
     SIGTERM. Then one run with --exit-when-drained."""
-    rounds, per_round = (20, 400) if SOAK else (4, 120)
+    rounds, per_round = (12, 300) if SOAK else (4, 120)
     rng = random.Random(SEED)
 
     def choose() -> Reply:
@@ -715,6 +717,7 @@ def storm_run(
         engine.dispose()
 
 
+@storm_timeout
 def test_storm_loses_no_committed_event(storm_run):
     run = storm_run
     assert run.drain.returncode == 0, run.drain.stderr
@@ -722,6 +725,7 @@ def test_storm_loses_no_committed_event(storm_run):
     assert run.statuses == {"delivered": len(run.markers)}
 
 
+@storm_timeout
 def test_storm_sends_twice_only_rows_that_were_in_flight_at_a_kill(storm_run):
     run = storm_run
     ids = run.markers
@@ -731,6 +735,7 @@ def test_storm_sends_twice_only_rows_that_were_in_flight_at_a_kill(storm_run):
         assert copies <= 1 + held_at, f"{marker} (id {ids[marker]}) delivered {copies} times"
 
 
+@storm_timeout
 def test_storm_logs_no_traceback(storm_run):
     for log in storm_run.logs:
         assert "Traceback" not in log, log
