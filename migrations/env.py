@@ -7,7 +7,8 @@ application with an Alembic history of its own can share the database.
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from worker.db import VERSION_TABLE, lock_migrations, normalize_url
+from worker.backends import backend_for
+from worker.db import VERSION_TABLE, normalize_url
 from worker.schema import metadata
 
 config = context.config
@@ -18,7 +19,7 @@ def run_migrations(connection) -> None:
         connection=connection,
         target_metadata=metadata,
         version_table=VERSION_TABLE,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=backend_for(connection).alters_tables_by_copy,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -33,5 +34,5 @@ else:
     engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     # One transaction under the migration lock, as `outbox-worker migrate` takes it.
     with engine.begin() as conn:
-        lock_migrations(conn)
+        backend_for(conn).lock_migrations(conn)
         run_migrations(conn)

@@ -15,15 +15,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from worker.backends import backend_for
+from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.event import MAX_BODY_BYTES, InvalidEvent, from_stored
-from worker.schema import (
-    UTCDateTime,
-    contact_key,
-    outbox_attempts,
-    outbox_events,
-    seconds_from_now,
-    utcnow,
-)
+from worker.schema import outbox_attempts, outbox_events
 from worker.store import finished_before
 
 e = outbox_events
@@ -309,10 +304,8 @@ class OutboxAdmin:
                 count = len(ids)
             else:
                 ids, count = [], conn.execute(statement).rowcount
-            if wake and count and conn.dialect.name == "postgresql":
-                from worker.wakeup import CHANNEL  # psycopg: loaded only where it is used
-
-                conn.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
+            if wake and count:
+                backend_for(conn).notify(conn)
         return Change(count, ids, self._missed(selection.ids, ids, wanted))
 
     def _missed(self, asked: Sequence[int], changed: Sequence[int], wanted: str) -> dict[int, str]:

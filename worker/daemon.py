@@ -28,6 +28,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 import tenacity
 
+from worker.backends import Wakeups
 from worker.breaker import Breaker
 from worker.completer import Completer
 from worker.config import Settings
@@ -40,7 +41,6 @@ from worker.policy import Action, Answer, Outcome, Verdict, decide, pause_for
 from worker.senders import Job, SenderPool
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
-from worker.wakeup import Listener
 
 log = logging.getLogger("worker.daemon")
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class Daemon:
         self._stopping = threading.Event()
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
-        self._listener: Listener | None = None
+        self._listener: Wakeups | None = None
         self._maintenance: Maintenance | None = None
         self.breaker = Breaker(
             s.concurrency,
@@ -139,8 +139,8 @@ class Daemon:
         maintenance.start()
         self._maintenance = maintenance
         self.senders.start()
-        if self.store.dialect == "postgresql":
-            self._listener = Listener(self.store.engine.url, self._wake)
+        self._listener = self.store.backend.wakeups(self.store.engine.url, self._wake)
+        if self._listener:
             self._listener.start()
         try:
             return self._loop()

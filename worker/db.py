@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -12,6 +11,8 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
+
+from worker.backends import backend_for
 
 # Our own version table, so that an application's Alembic history and ours
 # never collide in one database.
@@ -55,8 +56,9 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
         )
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise _bad_url(f"has the port {parsed.port}, not one from 1 to 65535")
-    if backend == "sqlite":
-        _check_sqlite_folder(parsed)
+    problem = backend_for(backend).url_problem(parsed)
+    if problem:
+        raise ConfigurationError(problem)
     return parsed
 
 
@@ -72,18 +74,6 @@ def _bad_url(what: str) -> ConfigurationError:
     return ConfigurationError(f"the database URL {what}: fix --database-url or OUTBOX_DATABASE_URL")
 
 
-def _check_sqlite_folder(url: sa.URL) -> None:
-    # sqlite3 says only "unable to open database file"; the missing folder is the usual cause.
-    if not url.database or url.database == ":memory:" or url.query.get("uri"):
-        return
-    folder = Path(url.database).parent
-    if not folder.is_dir():
-        raise ConfigurationError(
-            f"the SQLite database's folder {folder} does not exist: create it,"
-            " or fix --database-url or OUTBOX_DATABASE_URL"
-        )
-
-
 def redact(url: str | sa.URL) -> str:
     """The URL as it may be shown: without its password."""
     try:
@@ -93,42 +83,15 @@ def redact(url: str | sa.URL) -> str:
 
 
 def create_engine(url: str | sa.URL, **kwargs: Any) -> sa.Engine:
-    """An engine tuned for the outbox: WAL and a busy timeout on SQLite."""
+    """An engine tuned for the outbox (its backend's connection setup)."""
     parsed = normalize_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, **kwargs)
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    # No server-side prepared statements: they break behind a transaction-pooling
-    # PgBouncer, and the outbox runs few statements per second for them to save.
-    kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", None)
     try:
-        return sa.create_engine(parsed, **kwargs)
+        return backend_for(parsed).create_engine(parsed, **kwargs)
     except ImportError as exc:
         raise ConfigurationError(
-            f"the PostgreSQL driver is missing ({exc.name} cannot be imported): reinstall"
+            f"the database driver is missing ({exc.name} cannot be imported): reinstall"
             " outbox-worker, which brings psycopg 3"
         ) from None
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # Text that is not UTF-8 (a plain-SQL insert of raw bytes) must reach
-    # validation as a bad value, not fail the whole claim with a decode error.
-    dbapi_connection.text_factory = _decode_leniently
-    cursor = dbapi_connection.cursor()
-    # The busy timeout turns "database is locked" into a short wait, so it comes
-    # first: switching a new file to WAL waits for another process's migration.
-    # WAL lets the application write while the daemon reads.
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def _decode_leniently(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
 
 
 def _alembic_config() -> AlembicConfig:
@@ -144,32 +107,14 @@ def migrate(engine: sa.Engine, revision: str = "head") -> tuple[str | None, str 
     """
     config = _alembic_config()
     with engine.begin() as connection:
-        lock_migrations(connection)
+        # Replicas that each run `migrate` at start take turns: the first migrates,
+        # the others wait and find the schema current.
+        backend_for(connection).lock_migrations(connection)
         before = _revision(connection)
         _refuse_newer(before)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
         return before, _revision(connection)
-
-
-# The advisory lock `migrate` holds (unlike the maintenance leader's key in store.py).
-MIGRATION_LOCK_KEY = 0x6F75_7462_6F78_6D67  # "outboxmg"
-
-
-def lock_migrations(connection: sa.Connection) -> None:
-    """Hold the database's migration lock until this transaction ends; call it first.
-
-    Replicas that each run `migrate` at start then take turns: the first
-    migrates, the others wait and find the schema current. PostgreSQL's lock is
-    transaction-scoped (a pooler cannot hand it to another client); SQLite's is
-    the write lock, taken at once by BEGIN IMMEDIATE.
-    """
-    if connection.dialect.name == "postgresql":
-        connection.execute(
-            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
-        )
-    else:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def schema_revision(engine: sa.Engine) -> tuple[str | None, str]:

@@ -25,17 +25,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import db, output, track_events
+from worker.backends import backend_for
+from worker.backends.sql import seconds_from_now
 from worker.config import Settings, SettingsError
 from worker.daemon import Daemon
 from worker.delivery import Deliverer
 from worker.policy import RetryBudget
-from worker.schema import (
-    metadata,
-    outbox_attempts,
-    outbox_daemons,
-    outbox_events,
-    seconds_from_now,
-)
+from worker.schema import metadata, outbox_attempts, outbox_daemons, outbox_events
 from worker.sink import Sink
 from worker.store import DAEMON_SILENCE, OutboxStore
 
@@ -172,12 +168,11 @@ def _hints(url: sa.URL) -> list[str]:
     """Commands to look at the result, spelled so that they run as printed."""
     target = shlex.quote(db.redact(url))
     hints = []
-    if url.get_backend_name() == "sqlite" and shutil.which("sqlite3"):
-        path = shlex.quote(url.database or "")
+    shell = backend_for(url).sql_shell(url)
+    if shell:
         hints += [
-            f'sqlite3 {path} "SELECT status, count(*) FROM outbox_events GROUP BY status"',
-            f'sqlite3 {path} "SELECT id, event, last_status_code, last_error'
-            ' FROM outbox_dead_letters"',
+            f'{shell} "SELECT status, count(*) FROM outbox_events GROUP BY status"',
+            f'{shell} "SELECT id, event, last_status_code, last_error FROM outbox_dead_letters"',
         ]
     program = _program()
     hints += [

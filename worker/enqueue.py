@@ -9,8 +9,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
+from worker.backends import all_backends, backend_for
+from worker.backends.sql import UTCDateTime, seconds_from_now
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
-from worker.schema import UTCDateTime, dialect_insert, outbox_events, seconds_from_now
+from worker.schema import outbox_events
 from worker.when import InvalidTime, parse_when
 
 # Also text or a number of seconds: "2031-05-06T14:30:00Z", "10m", 90 (see worker.when).
@@ -170,8 +172,7 @@ def _insert_statement(insert: Any) -> Any:
         seconds_from_now(sa.bindparam("b_delay", type_=sa.Float)),
     )
     return (
-        insert(outbox_events)
-        .values(next_attempt_at=next_attempt_at)
+        insert.values(next_attempt_at=next_attempt_at)
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
         .returning(outbox_events.c.id, outbox_events.c.idempotency_key)
     )
@@ -179,7 +180,7 @@ def _insert_statement(insert: Any) -> Any:
 
 # Built once: executed with a list of rows, SQLAlchemy sends them as multi-row
 # INSERTs ("insertmanyvalues") from one cached statement.
-_INSERT = {name: _insert_statement(dialect_insert(name)) for name in ("postgresql", "sqlite")}
+_INSERT = {b.name: _insert_statement(b.insert(outbox_events)) for b in all_backends()}
 
 
 def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
@@ -192,7 +193,7 @@ def insert_rows_reporting_new(
 ) -> tuple[list[int], set[int]]:
     """Like insert_rows, and also the ids this call inserted (a repeated idempotency key
     gives the id of the row that already had it)."""
-    inserted = connection.execute(_INSERT[connection.dialect.name], rows).all()
+    inserted = connection.execute(_INSERT[backend_for(connection).name], rows).all()
     new = {r.id for r in inserted}
     # Ids are assigned in VALUES order, so unkeyed rows map back by position.
     unkeyed = iter(sorted(r.id for r in inserted if r.idempotency_key is None))

@@ -6,106 +6,10 @@ migrated database against it, on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any
-
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.dialects import postgresql
 
-
-class UTCDateTime(sa.TypeDecorator[dt.datetime]):
-    """Timestamps are UTC everywhere: timestamptz on PostgreSQL, naive UTC text on SQLite.
-
-    A naive datetime given by the caller is taken as UTC.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        value = value.astimezone(dt.timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
-
-
-class utcnow(FunctionElement[dt.datetime]):
-    """The database's clock in UTC, so every daemon on every host agrees on "now"."""
-
-    type = UTCDateTime()
-    inherit_cache = True
-
-
-@compiles(utcnow, "postgresql")
-def _utcnow_pg(element: utcnow, compiler: Any, **kw: Any) -> str:
-    return "now()"
-
-
-@compiles(utcnow, "sqlite")
-def _utcnow_sqlite(element: utcnow, compiler: Any, **kw: Any) -> str:
-    # Millisecond text in the same layout SQLAlchemy writes, so values compare as text.
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-
-
-class seconds_from_now(FunctionElement[dt.datetime]):
-    """The database's clock plus a number of seconds (a bound value or column)."""
-
-    type = UTCDateTime()
-    inherit_cache = True
-
-    def __init__(self, seconds: Any) -> None:
-        super().__init__(seconds)
-
-
-@compiles(seconds_from_now, "postgresql")
-def _later_pg(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
-    (seconds,) = element.clauses
-    return f"now() + make_interval(secs => {compiler.process(seconds, **kw)})"
-
-
-@compiles(seconds_from_now, "sqlite")
-def _later_sqlite(element: seconds_from_now, compiler: Any, **kw: Any) -> str:
-    (seconds,) = element.clauses
-    arg = compiler.process(seconds, **kw)
-    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', {arg}))"
-
-
-class contact_key(FunctionElement[str]):
-    """Which contact an email belongs to: the email with ASCII letters lowercased, nothing else.
-
-    One rule on both backends: SQLite's lower() folds only ASCII, and so does
-    PostgreSQL's under the "C" collation, whatever the database's own locale.
-    """
-
-    type = sa.Text()
-    inherit_cache = True
-
-    def __init__(self, email: Any) -> None:
-        super().__init__(email)
-
-
-@compiles(contact_key, "postgresql")
-def _contact_key_pg(element: contact_key, compiler: Any, **kw: Any) -> str:
-    (email,) = element.clauses
-    return f'lower({compiler.process(email, **kw)} COLLATE "C")'
-
-
-@compiles(contact_key, "sqlite")
-def _contact_key_sqlite(element: contact_key, compiler: Any, **kw: Any) -> str:
-    (email,) = element.clauses
-    return f"lower({compiler.process(email, **kw)})"
-
+from worker.backends.sql import UTCDateTime, contact_key, utcnow
 
 _JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -219,8 +123,3 @@ outbox_daemons = sa.Table(
     # The end of a long pause the endpoint asked for (a 429, a used-up rate limit).
     sa.Column("paused_until", UTCDateTime(), nullable=True),
 )
-
-
-def dialect_insert(dialect_name: str) -> Any:
-    """INSERT with ON CONFLICT support for the dialect (SQLite and PostgreSQL spell it alike)."""
-    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert

@@ -1,8 +1,8 @@
 """The only code that reads and writes the outbox for the daemon and the operator.
 
 Every statement is SQLAlchemy Core, built once at import and shared by
-SQLite and PostgreSQL; where they differ (row locks, NOTIFY) the difference
-is named here. The operator's selections and changes (lists, requeue, purge,
+SQLite and PostgreSQL; what differs between them (binding a batch, the upsert,
+the maintenance lock) is the backend's (worker.backends). The operator's selections and changes (lists, requeue, purge,
 cancel) are worker.admin's. Hot-path work is set-based: one claim statement per batch,
 one transaction per batch of outcomes.
 """
@@ -17,19 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
+from worker.backends import all_backends, backend_for
+from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.policy import Action, Outcome
-from worker.schema import (
-    UTCDateTime,
-    contact_key,
-    dialect_insert,
-    outbox_attempts,
-    outbox_daemons,
-    outbox_events,
-    seconds_from_now,
-    utcnow,
-)
+from worker.schema import outbox_attempts, outbox_daemons, outbox_events
 
 e = outbox_events
 
@@ -224,40 +216,18 @@ def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
     )
 
 
-class _Params:
-    """Each column as a bound parameter: executemany, one row per parameter set."""
-
-    def __init__(self, columns: Sequence[str]) -> None:
-        for name in columns:
-            setattr(self, name, sa.bindparam(f"b_{name}", type_=_TYPES[name]))
-
-
-def _arrays(columns: Sequence[str]) -> Any:
-    """Each column as a PostgreSQL array unnested into rows: one statement, one round trip."""
-    unnest = sa.func.unnest(
-        *(sa.bindparam(f"b_{name}", type_=postgresql.ARRAY(_TYPES[name])) for name in columns)
-    )
-    return unnest.table_valued(*columns).render_derived(name="v")
-
-
-_ARRAY_OUTCOMES = _arrays(_OUTCOME_COLUMNS)
-_ARRAY_ATTEMPTS = _arrays(_ATTEMPT_COLUMNS)
+# Each backend's outcome and attempt statements, reading a batch of rows in one go.
 _WRITE = {
-    "sqlite": (
-        _outcome_statement(_Params(_OUTCOME_COLUMNS)),
-        _attempt_statement(_Params(_ATTEMPT_COLUMNS)),
-    ),
-    "postgresql": (
-        _outcome_statement(_ARRAY_OUTCOMES.c),
-        _attempt_statement(_ARRAY_ATTEMPTS.c, _ARRAY_ATTEMPTS),
-    ),
+    b.name: (
+        _outcome_statement(b.batch_source(_OUTCOME_COLUMNS, _TYPES)[0]),
+        _attempt_statement(*b.batch_source(_ATTEMPT_COLUMNS, _TYPES)),
+    )
+    for b in all_backends()
 }
 
 _BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
     e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
 )
-# Held by the daemon doing maintenance this round ("outbox" in ASCII).
-_LOCK_KEY = 0x6F7574626F78
 
 _RENEW = (
     sa.update(e)
@@ -278,7 +248,7 @@ class OutboxStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self.dialect = engine.dialect.name
+        self.backend = backend_for(engine)
 
     # -- the delivery loop -------------------------------------------------
 
@@ -305,12 +275,13 @@ class OutboxStore:
             return
         outcomes = [_outcome_row(r) for r in records]
         attempts = [_attempt_row(r) for r in records if _writes_attempt(r.outcome)]
-        write_outcomes, write_attempts = _WRITE[self.dialect]
+        write_outcomes, write_attempts = _WRITE[self.backend.name]
+        bind = self.backend.bind
         with self.engine.begin() as conn:
             # Attempts first: their guard needs the rows still in_flight.
             if attempts:
-                conn.execute(write_attempts, _bind(_ATTEMPT_COLUMNS, attempts, self.dialect))
-            conn.execute(write_outcomes, _bind(_OUTCOME_COLUMNS, outcomes, self.dialect))
+                conn.execute(write_attempts, bind(_ATTEMPT_COLUMNS, attempts))
+            conn.execute(write_outcomes, bind(_OUTCOME_COLUMNS, outcomes))
 
     def rescue_expired_leases(self) -> list[int]:
         """Put rows whose claim has expired (a daemon died) back in the queue."""
@@ -332,7 +303,7 @@ class OutboxStore:
         paused_until: dt.datetime | None = None,
     ) -> None:
         """Say that this daemon is alive (and whether it has halted or paused delivery)."""
-        insert = dialect_insert(self.dialect)(outbox_daemons)
+        insert = self.backend.insert(outbox_daemons)
         state = {
             "halted_reason": halted_reason,
             "delivered": delivered,
@@ -356,22 +327,12 @@ class OutboxStore:
 
     @contextlib.contextmanager
     def maintenance_lock(self) -> Iterator[bool]:
-        """Whether this process is the one to do maintenance now (always, on SQLite).
+        """Whether this process is the one to do maintenance now, held for the round.
 
-        The lock is transaction-scoped and held by a transaction left open for the
-        round: a transaction-pooling PgBouncer hands each transaction to any server
-        connection, so a session lock would be "already held" by the next client to
-        land on that connection, and its unlock could miss it for good. The open
-        transaction takes no snapshot between statements, so it holds back no vacuum.
-        """
-        if self.dialect != "postgresql":
-            yield True
-            return
+        The lead is held by a transaction left open until the round ends (it takes
+        no snapshot between statements, so it holds back no vacuum)."""
         with self.engine.begin() as conn:
-            elected = conn.execute(
-                sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}
-            ).scalar()
-            yield bool(elected)
+            yield self.backend.take_maintenance_lead(conn)
 
     # -- the operator's commands ---------------------------------------------
 
@@ -530,16 +491,6 @@ def _outcome_row(r: Record) -> tuple[Any, ...]:
         o.error,
         o.retry_in,
     )
-
-
-def _bind(columns: Sequence[str], rows: list[tuple[Any, ...]], dialect: str) -> Any:
-    """Rows as executemany parameter sets, or on PostgreSQL as one array per column."""
-    if dialect == "postgresql":
-        return {
-            f"b_{name}": list(values)
-            for name, values in zip(columns, zip(*rows, strict=True), strict=True)
-        }
-    return [{f"b_{name}": value for name, value in zip(columns, row, strict=True)} for row in rows]
 
 
 def _iso(when: dt.datetime | None) -> str | None:

@@ -14,7 +14,8 @@ import time
 import psycopg
 import sqlalchemy as sa
 
-CHANNEL = "outbox_events"
+from worker.backends.postgresql import CHANNEL
+
 _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 log = logging.getLogger("worker.wakeup")
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from worker.schema import utcnow
+from worker.backends.sql import utcnow
 
 revision: str = "0001"
 down_revision: str | None = None

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from worker.schema import utcnow
+from worker.backends.sql import utcnow
 
 revision: str = "0002"
 down_revision: str | None = "0001"

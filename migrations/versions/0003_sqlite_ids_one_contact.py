@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from worker.schema import contact_key, utcnow
+from worker.backends.sql import contact_key, utcnow
 
 revision: str = "0003"
 down_revision: str | None = "0002"
