@@ -9,8 +9,10 @@ wake-ups (where it has them) hear a committed insert.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -126,40 +128,37 @@ def test_the_migration_lock_makes_a_second_migrator_wait_for_the_first(engine):
         other.dispose()
 
 
-def test_wakeups_hear_a_committed_insert_where_the_backend_has_them(engine):
+@contextlib.contextmanager
+def listening(engine: sa.Engine) -> Iterator[threading.Event | None]:
+    """The backend's wake-ups running and listening, their wake event cleared; None
+    where the backend has none (the daemon polls)."""
     backend = backend_for(engine)
     wake = threading.Event()
     wakeups = backend.wakeups(engine.url, wake)
     if wakeups is None:
-        assert not backend.many_daemons  # the daemon polls: the embedded default only
+        assert not backend.many_daemons  # polling only: the embedded default
+        yield None
         return
     wakeups.start()
     try:
         wait_until(lambda: getattr(wakeups, "listening", threading.Event()).is_set(), 15, "LISTEN")
         wake.clear()
-        with engine.begin() as conn:
-            conn.execute(sa.insert(outbox_events).values(email="a@example.com", event="x"))
-        assert wake.wait(10), "no wake-up within 10 s of the commit"
+        yield wake
     finally:
         wakeups.stop()
         wakeups.join(5)
+
+
+def test_wakeups_hear_a_committed_insert_where_the_backend_has_them(engine):
+    with listening(engine) as wake:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(outbox_events).values(email="a@example.com", event="x"))
+        assert wake is None or wake.wait(10), "no wake-up within 10 s of the commit"
 
 
 def test_notify_wakes_the_listener_where_there_is_one(engine):
     backend = backend_for(engine)
-    wake = threading.Event()
-    wakeups = backend.wakeups(engine.url, wake)
-    with engine.begin() as conn:
-        backend.notify(conn)  # a no-op where there is nothing to wake; never an error
-    if wakeups is None:
-        return
-    wakeups.start()
-    try:
-        wait_until(lambda: getattr(wakeups, "listening", threading.Event()).is_set(), 15, "LISTEN")
-        wake.clear()
+    with listening(engine) as wake:
         with engine.begin() as conn:
-            backend.notify(conn)
-        assert wake.wait(10)
-    finally:
-        wakeups.stop()
-        wakeups.join(5)
+            backend.notify(conn)  # a no-op where there is nothing to wake; never an error
+        assert wake is None or wake.wait(10)

@@ -105,6 +105,21 @@ def terminate(engine: sa.Engine, pids: list[int]) -> int:
     return sum(bool(d) for d in done)
 
 
+def run_until_drained(
+    url: str, endpoint: Endpoint, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """`run --exit-when-drained` as a subprocess, to its end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint.url, OUTBOX_DATABASE_URL=url)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "run", "--exit-when-drained", *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 # The listener's connection, while its last statement is still the LISTEN (for a few
 # seconds after it connects: then it proves itself alive with a SELECT 1).
 LISTENER = "query = 'LISTEN outbox_events'"
@@ -156,15 +171,7 @@ def sigkill_run(
             in_flight_at_kills.append(ids_with_status(engine, "in_flight"))
         time.sleep(LEASE + 0.5)  # a dead daemon's claims are not due before their lease ends
         before_drain = len(endpoint.requests)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint.url, OUTBOX_DATABASE_URL=url)
-        drain = subprocess.run(
-            [sys.executable, "-m", "worker", "run", "--exit-when-drained", *KILL_FLAGS],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        drain = run_until_drained(url, endpoint, *KILL_FLAGS)
         run = KillRun(
             markers=markers,
             counts=received(endpoint),
@@ -677,15 +684,7 @@ def storm_run(
                 wait_until(all_delivered(engine, len(markers)), 300, f"round {n} to deliver")
                 assert daemon.stop() == 0, daemon.log()
         time.sleep(2.5)  # the last kill's claims are not due before their lease ends
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-        env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint.url, OUTBOX_DATABASE_URL=url)
-        drain = subprocess.run(
-            [sys.executable, "-m", "worker", "run", "--exit-when-drained", *STORM_FLAGS],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        drain = run_until_drained(url, endpoint, *STORM_FLAGS)
         copies = delivered(endpoint)
         run = StormRun(
             markers=markers,
