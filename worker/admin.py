@@ -24,7 +24,7 @@ from worker.schema import (
     seconds_from_now,
     utcnow,
 )
-from worker.store import finished_before
+from worker.store import OutboxStore, Stats, finished_before
 
 e = outbox_events
 STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -229,11 +229,20 @@ class OutboxAdmin:
         _require(selection, everything)
         return sa.and_(e.c.status == "pending", selection.where())
 
+    def stats(self) -> Stats:
+        """Counts, backlog, and the daemons with their halts and pauses."""
+        return OutboxStore(self.engine).stats()
+
     def requeue(
-        self, selection: EventFilter, everything: bool = False, dry_run: bool = False
+        self,
+        selection: EventFilter,
+        everything: bool = False,
+        dry_run: bool = False,
+        up_to_id: int | None = None,
     ) -> Change:
-        """Dead rows back to pending with a fresh budget, due now."""
-        where = self.dead(selection, everything)
+        """Dead rows back to pending with a fresh budget, due now; with up_to_id, none
+        newer than what the operator was shown."""
+        where = _up_to(self.dead(selection, everything), up_to_id)
         statement = (
             sa.update(e)
             .where(where)
@@ -250,9 +259,7 @@ class OutboxAdmin:
     ) -> Change:
         """Delete dead rows (their attempt history goes with them); with up_to_id, none
         newer than what the operator was shown."""
-        where = self.dead(selection, everything)
-        if up_to_id is not None:
-            where = sa.and_(where, e.c.id <= up_to_id)
+        where = _up_to(self.dead(selection, everything), up_to_id)
         return self._change(sa.delete(e).where(where), where, selection, "dead", dry_run)
 
     def cancel(
@@ -261,9 +268,10 @@ class OutboxAdmin:
         everything: bool = False,
         dry_run: bool = False,
         reason: str | None = None,
+        up_to_id: int | None = None,
     ) -> Change:
         """Pending rows to dead, never sent; they stay visible and can be requeued."""
-        where = self.cancellable(selection, everything)
+        where = _up_to(self.cancellable(selection, everything), up_to_id)
         statement = (
             sa.update(e)
             .where(where)
@@ -333,6 +341,10 @@ def _why_not(status: str | None, wanted: str) -> str:
     if status == wanted:
         return "does not match the other filters"
     return f"{status}, not {wanted}"
+
+
+def _up_to(where: sa.ColumnElement[bool], up_to_id: int | None) -> sa.ColumnElement[bool]:
+    return where if up_to_id is None else sa.and_(where, e.c.id <= up_to_id)
 
 
 def _require(selection: EventFilter, everything: bool) -> None:
