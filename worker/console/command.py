@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ log = logging.getLogger("worker.console")
 def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add `console` to the top-level subparsers."""
     help_ = "the operator's console in a browser (pip install 'outbox-worker[console]')"
-    p = sub.add_parser("console", help=help_, description=help_, parents=[common])
+    # No abbreviations: `--token SECRET` must be refused, not read as --token-file's path.
+    p = sub.add_parser(
+        "console", help=help_, description=help_, parents=[common], allow_abbrev=False
+    )
     p.set_defaults(handler=cmd_console)
     p.add_argument(
         "--host",
@@ -119,5 +123,10 @@ def cmd_console(args: argparse.Namespace) -> int:
         "token required" if token else "no token: loopback only",
     )
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again
+    # under the handlers it found: these make that a clean exit 0, as for `run`.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+    log.info("console stopped")
     return 0
