@@ -12,7 +12,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -111,9 +110,8 @@ def _act(console: Console, request: Request, form: Any, kind: _Kind) -> Response
         up_to_id,
         _client(request),
     )
-    # Back to the list it came from, with its filters, saying what was done.
-    query = urlencode({"done": said}) if ids else filters.query(done=said)
-    return RedirectResponse(f"{kind.back}?{query}", status_code=303)
+    # Back to the list it came from, as it was filtered, saying what was done.
+    return RedirectResponse(f"{kind.back}?{filters.query(done=said)}", status_code=303)
 
 
 def _said(change: Change, kind: _Kind) -> str:
