@@ -453,3 +453,24 @@ def test_mask_emails_shows_no_address_anywhere(engine):
     assert json.loads(body)["email"] == "j***@example.com"
     # the filter still takes the full address
     assert listed_ids(client.get("/events?email=jane.doe@example.com").text) == [a]
+
+
+def test_counts_past_their_limit_say_at_least_so(engine, client, monkeypatch):
+    from worker.console import pages
+
+    monkeypatch.setattr(pages, "OVERVIEW_COUNT_LIMIT", 2)
+    monkeypatch.setattr(pages, "LIST_COUNT_LIMIT", 3)
+    add(engine, *(f"n{n}@example.com" for n in range(5)))
+    assert 'id="count-pending">2+<' in client.get("/").text
+    assert "3+ matching" in text_of(client.get("/events").text)
+    assert "5 matching" not in text_of(client.get("/events").text)
+
+
+def test_a_bounded_stats_reading_counts_each_status_up_to_its_limit(engine, store):
+    ids = add(engine, *(f"s{n}@example.com" for n in range(5)))
+    make_dead(engine, ids[:3])
+    exact, bounded = store.stats(), store.stats(count_limit=2)
+    assert exact.counts == {"pending": 2, "in_flight": 0, "delivered": 0, "dead": 3}
+    assert bounded.counts == {"pending": 2, "in_flight": 0, "delivered": 0, "dead": 3}  # limit + 1
+    assert bounded.counts_capped_at == 2 and exact.counts_capped_at is None
+    assert bounded.dead_by_status_code == exact.dead_by_status_code == {"400": 3}

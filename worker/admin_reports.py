@@ -28,6 +28,9 @@ from worker.schema import (
 
 e = outbox_events
 a = outbox_attempts
+# Literal statuses, as in worker.store: the planners then match the partial indexes' predicates.
+_OPEN = (sa.literal_column("'pending'"), sa.literal_column("'in_flight'"))
+_PENDING = sa.literal_column("'pending'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,7 @@ def throughput(engine: sa.Engine, minutes: int = 60) -> list[Minute]:
         delivered = dict(
             conn.execute(
                 sa.select(delivered_minute, sa.func.count())
-                .where(e.c.status == "delivered", e.c.delivered_at >= since)
+                .where(e.c.status == sa.literal_column("'delivered'"), e.c.delivered_at >= since)
                 .group_by(delivered_minute)
             ).all()
         )
@@ -86,7 +89,7 @@ def blocked_contacts(engine: sa.Engine, limit: int = 100) -> list[BlockedContact
     """Contacts whose oldest open event has failed and waits to be retried, longest first."""
     older = e.alias("older")
     newer = e.alias("newer")
-    open_ = ("pending", "in_flight")
+    open_ = _OPEN
     older_open = sa.exists().where(
         contact_key(older.c.email) == contact_key(e.c.email),
         older.c.id < e.c.id,
@@ -106,7 +109,7 @@ def blocked_contacts(engine: sa.Engine, limit: int = 100) -> list[BlockedContact
     )
     statement = (
         sa.select(*LISTED, waiting.label("waiting"), first_failure.label("failing_since"))
-        .where(e.c.status == "pending", e.c.attempts > 0, ~older_open)
+        .where(e.c.status == _PENDING, e.c.attempts > 0, ~older_open)
         .order_by(e.c.id)
         .limit(limit)
     )

@@ -35,6 +35,8 @@ e = outbox_events
 
 # A daemon silent for this long (seconds) is not counted as running.
 DAEMON_SILENCE = 120.0
+# A bounded stats reading groups only this many of the newest dead letters by status code.
+DEAD_BY_CODE_SAMPLE = 10_000
 
 # Literal status values (not bound parameters), so that PostgreSQL's planner
 # matches the partial indexes' predicates on every plan, generic ones included.
@@ -85,6 +87,7 @@ class Stats:
     delivered_last_minute: int
     dead_by_status_code: dict[str, int]
     daemons: list[DaemonSeen]
+    counts_capped_at: int | None = None  # counts above this are "at least this many"
 
     @property
     def halted(self) -> list[DaemonSeen]:
@@ -374,31 +377,45 @@ class OutboxStore:
 
     # -- the operator's commands ---------------------------------------------
 
-    def stats(self) -> Stats:
+    def stats(self, count_limit: int | None = None) -> Stats:
+        """With count_limit, a reading whose cost does not grow with the table (the
+        console's overview): each status counted up to that many (`counts_capped_at`),
+        dead letters by status code among the newest DEAD_BY_CODE_SAMPLE, no oldest-pending
+        age."""
         with self.engine.connect() as conn:
-            counts = {s: 0 for s in ("pending", "in_flight", "delivered", "dead")}
-            counts.update(
-                {
-                    s: n
-                    for s, n in conn.execute(
-                        sa.select(e.c.status, sa.func.count()).group_by(e.c.status)
-                    )
-                }
-            )
+            # One count per status with a literal status: each reads its partial index
+            # (three are small), where a GROUP BY reads the whole table.
+            counts = {
+                status: conn.execute(_status_count(status, count_limit)).scalar_one()
+                for status in ("pending", "in_flight", "delivered", "dead")
+            }
             now = conn.execute(sa.select(utcnow())).scalar_one()
-            oldest_pending = conn.execute(
-                sa.select(sa.func.min(e.c.created_at)).where(e.c.status == _PENDING)
-            ).scalar_one()
+            oldest_pending = (
+                None
+                if count_limit
+                else conn.execute(
+                    sa.select(sa.func.min(e.c.created_at)).where(e.c.status == _PENDING)
+                ).scalar_one()
+            )
             due_count, oldest_due = conn.execute(_BACKLOG).one()
             recent = conn.execute(
                 sa.select(sa.func.count()).where(
                     e.c.status == _DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
                 )
             ).scalar_one()
+            dead_rows: Any = e
+            if count_limit:
+                dead_rows = (
+                    sa.select(e.c.last_status_code)
+                    .where(e.c.status == _DEAD)
+                    .order_by(e.c.id.desc())
+                    .limit(min(count_limit, DEAD_BY_CODE_SAMPLE))
+                    .subquery()
+                )
             dead = conn.execute(
-                sa.select(e.c.last_status_code, sa.func.count())
-                .where(e.c.status == _DEAD)
-                .group_by(e.c.last_status_code)
+                sa.select(dead_rows.c.last_status_code, sa.func.count())
+                .where(*([] if count_limit else [e.c.status == _DEAD]))
+                .group_by(dead_rows.c.last_status_code)
             ).all()
             daemons = conn.execute(
                 sa.select(outbox_daemons)
@@ -407,6 +424,7 @@ class OutboxStore:
             ).all()
         return Stats(
             counts=counts,
+            counts_capped_at=count_limit,
             due=due_count,
             oldest_pending_age_s=_age(now, oldest_pending),
             oldest_due_age_s=_age(now, oldest_due),
@@ -449,6 +467,14 @@ class OutboxStore:
             total += deleted
             if deleted < batch_size or stop():
                 return total
+
+
+def _status_count(status: str, limit: int | None) -> Any:
+    where = e.c.status == sa.literal_column(f"'{status}'")
+    if limit is None:
+        return sa.select(sa.func.count()).where(where)
+    capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
+    return sa.select(sa.func.count()).select_from(capped)
 
 
 def _claimed(row: Any, token: str) -> ClaimedEvent:

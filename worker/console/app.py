@@ -117,7 +117,10 @@ def _json(value: Any) -> str:
     return "-" if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def _number(value: int) -> str:
+def _number(value: int, limit: int | None = None) -> str:
+    """A count as shown: 12,345, or 100,000+ past a count's limit."""
+    if limit is not None and value > limit:
+        return f"{limit:,}+"
     return f"{value:,}"
 
 

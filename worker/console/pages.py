@@ -18,11 +18,15 @@ from worker import admin_reports
 from worker.admin import STATUSES, EventFilter, InvalidSelection
 from worker.console import chart
 from worker.console.app import Console
+from worker.store import DEAD_BY_CODE_SAMPLE
 from worker.when import InvalidTime, parse_when
 
 # The filter fields each list page offers, in the order the form shows them.
 FILTER_FIELDS = ("event", "email", "since", "until", "status_code", "error_contains")
 _BAD_INPUT = (InvalidSelection, InvalidTime, ValueError)
+# Counts stop here ("100,000+"), so that a page costs the same whatever the table's size.
+OVERVIEW_COUNT_LIMIT = 100_000
+LIST_COUNT_LIMIT = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +73,15 @@ def _before_id(request: Request) -> int | None:
 
 
 def overview(console: Console, request: Request) -> Response:
-    stats = console.admin.stats()
+    stats = console.admin.stats(count_limit=OVERVIEW_COUNT_LIMIT)
     minutes = admin_reports.throughput(console.engine)
     name = "overview_live.html" if request.query_params.get("live") else "overview.html"
     return console.render(
-        request, name, stats=stats, chart=chart.throughput_chart(minutes), minutes=minutes
+        request,
+        name,
+        stats=stats,
+        chart=chart.throughput_chart(minutes),
+        dead_sample=DEAD_BY_CODE_SAMPLE,
     )
 
 
@@ -102,13 +110,14 @@ def _list(
     if status is not None:
         selection = dataclasses.replace(selection, status=status)
     page = console.admin.list_events(selection, console.options.page_size, before_id)
-    matching = console.admin.select(selection.where(), shown=0).count
+    matching = console.admin.count(selection.where(), LIST_COUNT_LIMIT)
     return console.render(
         request,
         template,
         filters=filters,
         rows=page.rows,
         matching=matching,
+        count_limit=LIST_COUNT_LIMIT,
         next_page=filters.query(before_id=page.next_before_id) if page.next_before_id else None,
         statuses=STATUSES,
         notice=request.query_params.get("done", ""),
