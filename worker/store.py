@@ -380,8 +380,8 @@ class OutboxStore:
     def stats(self, count_limit: int | None = None) -> Stats:
         """With count_limit, a reading whose cost does not grow with the table (the
         console's overview): each status counted up to that many (`counts_capped_at`),
-        dead letters by status code among the newest DEAD_BY_CODE_SAMPLE, no oldest-pending
-        age."""
+        dead letters by status code among the newest that many (DEAD_BY_CODE_SAMPLE at
+        most), no oldest-pending age."""
         with self.engine.connect() as conn:
             # One count per status with a literal status: each reads its partial index
             # (three are small), where a GROUP BY reads the whole table.
