@@ -137,3 +137,37 @@ def test_a_port_in_use_exits_2_naming_it(sqlite_url, tmp_path):
 def test_a_database_never_migrated_exits_1_saying_to_migrate(tmp_path: Path):
     result = run_cli("console", "--database-url", f"sqlite:///{tmp_path / 'new.db'}")
     assert result.returncode == 1 and "migrate" in result.stderr
+
+
+def test_without_the_console_extra_it_exits_2_saying_what_to_install(sqlite_url):
+    import subprocess
+    import sys
+
+    # An interpreter where `import uvicorn` fails, as without the extra.
+    script = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from worker.cli import main\n"
+        f"sys.exit(main(['console', '--database-url', {sqlite_url!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    one_line_error(result, "uvicorn is missing", "pip install 'outbox-worker[console]'")
+
+
+# Slow: builds a wheel, a few seconds.
+def test_the_wheel_ships_the_consoles_templates_and_script(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    source = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for shipped in ("templates/overview.html", "templates/base.html", "static/console.js"):
+        assert f"worker/console/{shipped}" in names

@@ -87,35 +87,38 @@ def _key(minute: dt.datetime) -> str:
 
 def blocked_contacts(engine: sa.Engine, limit: int = 100) -> list[BlockedContact]:
     """Contacts whose oldest open event has failed and waits to be retried, longest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(blocked_statement(limit)).all()
+    return [BlockedContact(r, r.waiting, r.failing_since) for r in rows]
+
+
+def blocked_statement(limit: int) -> sa.Select[Any]:
+    """The heads of blocked contacts: every contact probe is one on the open-contact index."""
     older = e.alias("older")
     newer = e.alias("newer")
-    open_ = _OPEN
     older_open = sa.exists().where(
         contact_key(older.c.email) == contact_key(e.c.email),
         older.c.id < e.c.id,
-        older.c.status.in_(open_),
+        older.c.status.in_(_OPEN),
     )
     waiting = (
         sa.select(sa.func.count())
         .where(
             contact_key(newer.c.email) == contact_key(e.c.email),
             newer.c.id > e.c.id,
-            newer.c.status.in_(open_),
+            newer.c.status.in_(_OPEN),
         )
         .scalar_subquery()
     )
     first_failure = (
         sa.select(sa.func.min(a.c.attempted_at)).where(a.c.event_id == e.c.id).scalar_subquery()
     )
-    statement = (
+    return (
         sa.select(*LISTED, waiting.label("waiting"), first_failure.label("failing_since"))
         .where(e.c.status == _PENDING, e.c.attempts > 0, ~older_open)
         .order_by(e.c.id)
         .limit(limit)
     )
-    with engine.connect() as conn:
-        rows = conn.execute(statement).all()
-    return [BlockedContact(r, r.waiting, r.failing_since) for r in rows]
 
 
 def neighbours(engine: sa.Engine, event: Any, shown: int = 10) -> Neighbours:
