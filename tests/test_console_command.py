@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import KEY, run_cli
 from tests.console_server import Browserless, ConsoleProcess
+from tests.test_console import text_of
 from tests.test_store import add, make_dead, row
 from worker import db
 
@@ -171,3 +172,35 @@ def test_the_wheel_ships_the_consoles_templates_and_script(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in ("templates/overview.html", "templates/base.html", "static/console.js"):
         assert f"worker/console/{shipped}" in names
+
+
+@pytest.mark.parametrize(
+    ("answer", "banner"),
+    [
+        (b'{"code":"unauthorized","message":"Key not found"}', 'class="banner halted"'),
+        (b"", 'class="banner paused"'),
+    ],
+    ids=["halt", "pause"],
+)
+def test_a_real_daemons_halt_or_pause_shows_as_a_banner(
+    db_url, endpoint, spawn, tmp_path, answer, banner
+):
+    from tests.daemons import wait_until
+    from tests.endpoint import Reply
+
+    engine = db.create_engine(db_url)
+    endpoint.default = Reply(401, answer) if answer else Reply(429, b"", {"Retry-After": "600"})
+    add(engine, "a@example.com")
+    daemon = spawn(db_url, endpoint.url, "--poll-interval", "0.1")
+    console = ConsoleProcess(db_url, tmp_path / "console.log")
+    try:
+        browser = Browserless(console.url)
+        wait_until(lambda: banner in browser.get("/")[1], 60, f"the banner {banner!r}")
+        shown = text_of(browser.get("/")[1].split(banner)[1].split(">", 1)[1].split("</div>")[0])
+        if answer:
+            assert shown.startswith("Delivery is halted by daemon") and "401" in shown
+        else:
+            assert shown.startswith("Paused by the endpoint's rate limit until 20")
+    finally:
+        daemon.stop()
+        assert console.stop() == 0
