@@ -18,7 +18,7 @@ from starlette.responses import RedirectResponse, Response
 
 from worker.admin import Change, EventFilter
 from worker.console.app import Console
-from worker.console.pages import _BAD_INPUT, FILTER_FIELDS, Filters, _local_path, read_filters
+from worker.console.pages import BAD_INPUT, FILTER_FIELDS, Filters, local_path, read_filters
 from worker.console.security import SESSION_COOKIE
 
 log = logging.getLogger("worker.console")
@@ -77,7 +77,7 @@ def _act(console: Console, request: Request, form: Any, kind: _Kind) -> Response
         filters = read_filters(form, kind.dated_by, kind.fields)
         ids = tuple(_id(v) for v in form.getlist("ids") if str(v).strip())
         up_to_id = _id(form["up_to_id"]) if form.get("up_to_id") else None
-    except _BAD_INPUT as exc:
+    except BAD_INPUT as exc:
         return console.error(request, 400, str(exc))
     scope = form.get("scope") or ("selected" if ids else "matching")
     if scope == "matching":
@@ -145,7 +145,7 @@ def _id(value: Any) -> int:
 
 def login(console: Console, request: Request, form: Any) -> Response:
     guard = console.guard
-    target = _local_path(form.get("next"))
+    target = local_path(form.get("next"))
     if not guard.needs_login:
         return RedirectResponse(target, status_code=303)
     if not guard.token_matches(str(form.get("token") or "")):

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from worker.admin import OutboxAdmin
-from worker.console.security import CSRF_COOKIE, SESSION_COOKIE, Guard
+from worker.console.security import CSRF_COOKIE, Guard
 from worker.output import _age
 
 # Pages anyone may open: the login form and the console's own script and style.
@@ -164,6 +164,3 @@ def create_app(engine: sa.Engine, options: ConsoleOptions | None = None) -> Star
     app = Starlette(routes=routes, middleware=[Middleware(_GuardMiddleware, console=console)])
     app.state.console = console
     return app
-
-
-__all__ = ["SESSION_COOKIE", "Console", "ConsoleOptions", "create_app"]

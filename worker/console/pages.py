@@ -23,7 +23,7 @@ from worker.when import InvalidTime, parse_when
 
 # The filter fields each list page offers, in the order the form shows them.
 FILTER_FIELDS = ("event", "email", "since", "until", "status_code", "error_contains")
-_BAD_INPUT = (InvalidSelection, InvalidTime, ValueError)
+BAD_INPUT = (InvalidSelection, InvalidTime, ValueError)
 # Counts stop here ("100,000+"), so that a page costs the same whatever the table's size.
 OVERVIEW_COUNT_LIMIT = 100_000
 LIST_COUNT_LIMIT = 10_000
@@ -104,7 +104,7 @@ def _list(
     try:
         filters = read_filters(request.query_params, dated_by, fields)
         before_id = _before_id(request)
-    except _BAD_INPUT as exc:
+    except BAD_INPUT as exc:
         return console.error(request, 400, str(exc))
     selection = filters.selection
     if status is not None:
@@ -149,10 +149,10 @@ def blocked(console: Console, request: Request) -> Response:
 
 
 def login_form(console: Console, request: Request) -> Response:
-    return console.render(request, "login.html", next=_local_path(request.query_params.get("next")))
+    return console.render(request, "login.html", next=local_path(request.query_params.get("next")))
 
 
-def _local_path(path: str | None) -> str:
+def local_path(path: str | None) -> str:
     """Where to go after logging in: a path on this console, never another site."""
     if not path or not path.startswith("/") or path.startswith("//"):
         return "/"
