@@ -13,6 +13,10 @@ document.addEventListener("DOMContentLoaded", () => {
   const refresh = async () => {
     try {
       const answer = await fetch(live.dataset.src, { credentials: "same-origin" });
+      if (answer.redirected) {
+        location.reload(); // logged out meanwhile: show the login form, not a page inside a page
+        return;
+      }
       if (answer.ok) {
         live.innerHTML = await answer.text();
         live.dataset.refreshedAt = String(Date.now());
