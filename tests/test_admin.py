@@ -49,8 +49,8 @@ from tests.test_store import (
 )
 from worker import db
 from worker.admin import EventFilter, InvalidSelection, OutboxAdmin
-from worker.policy import Action, Outcome
 from worker.backends.sql import contact_key
+from worker.policy import Action, Outcome
 from worker.schema import outbox_events
 from worker.store import Record
 

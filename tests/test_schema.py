@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,6 +359,8 @@ def test_migrations_travel_with_the_installed_wheel(tmp_path):
         timeout=300,
     )
     (wheel,) = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as built:
+        assert "worker/py.typed" in built.namelist()  # users' type checkers read the hints
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), wheel],
         check=True,

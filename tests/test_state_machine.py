@@ -40,8 +40,8 @@ from hypothesis.stateful import (
 from tests.conftest import new_pg_database
 from worker import db, track_events
 from worker.admin import EventFilter, OutboxAdmin
-from worker.policy import Action, Outcome
 from worker.backends.sql import seconds_from_now, utcnow
+from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_events
 from worker.store import ClaimedEvent, OutboxStore, Record
 

@@ -19,7 +19,7 @@ from worker.backends import backend_for
 from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.event import MAX_BODY_BYTES, InvalidEvent, from_stored
 from worker.schema import outbox_attempts, outbox_events
-from worker.store import finished_before
+from worker.store import OutboxStore, Stats, finished_before
 
 e = outbox_events
 STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -210,6 +210,13 @@ class OutboxAdmin:
             ).scalars()
             return Selected(count, list(newest), max_id)
 
+    def count(self, where: sa.ColumnElement[bool], limit: int) -> int:
+        """How many rows match, counting no further than limit + 1: a list page's
+        figure costs the same on ten million rows as on a thousand."""
+        capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(capped)).scalar_one()
+
     # -- changes -------------------------------------------------------------
 
     def dead(self, selection: EventFilter, everything: bool = False) -> sa.ColumnElement[bool]:
@@ -224,11 +231,20 @@ class OutboxAdmin:
         _require(selection, everything)
         return sa.and_(e.c.status == "pending", selection.where())
 
+    def stats(self, count_limit: int | None = None) -> Stats:
+        """Counts, backlog, and the daemons with their halts and pauses (see OutboxStore.stats)."""
+        return OutboxStore(self.engine).stats(count_limit)
+
     def requeue(
-        self, selection: EventFilter, everything: bool = False, dry_run: bool = False
+        self,
+        selection: EventFilter,
+        everything: bool = False,
+        dry_run: bool = False,
+        up_to_id: int | None = None,
     ) -> Change:
-        """Dead rows back to pending with a fresh budget, due now."""
-        where = self.dead(selection, everything)
+        """Dead rows back to pending with a fresh budget, due now; with up_to_id, none
+        newer than what the operator was shown."""
+        where = _up_to(self.dead(selection, everything), up_to_id)
         statement = (
             sa.update(e)
             .where(where)
@@ -245,9 +261,7 @@ class OutboxAdmin:
     ) -> Change:
         """Delete dead rows (their attempt history goes with them); with up_to_id, none
         newer than what the operator was shown."""
-        where = self.dead(selection, everything)
-        if up_to_id is not None:
-            where = sa.and_(where, e.c.id <= up_to_id)
+        where = _up_to(self.dead(selection, everything), up_to_id)
         return self._change(sa.delete(e).where(where), where, selection, "dead", dry_run)
 
     def cancel(
@@ -256,9 +270,10 @@ class OutboxAdmin:
         everything: bool = False,
         dry_run: bool = False,
         reason: str | None = None,
+        up_to_id: int | None = None,
     ) -> Change:
         """Pending rows to dead, never sent; they stay visible and can be requeued."""
-        where = self.cancellable(selection, everything)
+        where = _up_to(self.cancellable(selection, everything), up_to_id)
         statement = (
             sa.update(e)
             .where(where)
@@ -326,6 +341,10 @@ def _why_not(status: str | None, wanted: str) -> str:
     if status == wanted:
         return "does not match the other filters"
     return f"{status}, not {wanted}"
+
+
+def _up_to(where: sa.ColumnElement[bool], up_to_id: int | None) -> sa.ColumnElement[bool]:
+    return where if up_to_id is None else sa.and_(where, e.c.id <= up_to_id)
 
 
 def _require(selection: EventFilter, everything: bool) -> None:

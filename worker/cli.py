@@ -682,6 +682,9 @@ def _parser() -> argparse.ArgumentParser:
     from worker import admin_cli  # it imports this module: here, once this one is loaded
 
     admin_cli.add_commands(sub, common)
+    from worker.console import command as console_command  # Starlette is loaded only to serve
+
+    console_command.add_command(sub, common)
 
     sink = command(
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)

@@ -11,6 +11,13 @@ from sqlalchemy.dialects import postgresql
 
 from worker.backends.sql import UTCDateTime, contact_key, utcnow
 
+# Literal status values (not bound parameters), so that PostgreSQL's planner
+# matches the partial indexes' predicates on every plan, generic ones included.
+PENDING: sa.ColumnClause[str] = sa.literal_column("'pending'")
+IN_FLIGHT: sa.ColumnClause[str] = sa.literal_column("'in_flight'")
+DELIVERED: sa.ColumnClause[str] = sa.literal_column("'delivered'")
+DEAD: sa.ColumnClause[str] = sa.literal_column("'dead'")
+
 _JSON = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 

@@ -21,19 +21,22 @@ import sqlalchemy as sa
 from worker.backends import all_backends, backend_for
 from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.policy import Action, Outcome
-from worker.schema import outbox_attempts, outbox_daemons, outbox_events
+from worker.schema import (
+    DEAD,
+    DELIVERED,
+    IN_FLIGHT,
+    PENDING,
+    outbox_attempts,
+    outbox_daemons,
+    outbox_events,
+)
 
 e = outbox_events
 
 # A daemon silent for this long (seconds) is not counted as running.
 DAEMON_SILENCE = 120.0
-
-# Literal status values (not bound parameters), so that PostgreSQL's planner
-# matches the partial indexes' predicates on every plan, generic ones included.
-_PENDING: sa.ColumnClause[str] = sa.literal_column("'pending'")
-_IN_FLIGHT: sa.ColumnClause[str] = sa.literal_column("'in_flight'")
-_DELIVERED: sa.ColumnClause[str] = sa.literal_column("'delivered'")
-_DEAD: sa.ColumnClause[str] = sa.literal_column("'dead'")
+# A bounded stats reading groups only this many of the newest dead letters by status code.
+DEAD_BY_CODE_SAMPLE = 10_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Stats:
     delivered_last_minute: int
     dead_by_status_code: dict[str, int]
     daemons: list[DaemonSeen]
+    counts_capped_at: int | None = None  # counts above this are "at least this many"
 
     @property
     def halted(self) -> list[DaemonSeen]:
@@ -107,11 +111,11 @@ def _claim_statement(contact_order: bool) -> sa.Update:
         .where(
             contact_key(older.c.email) == contact_key(e.c.email),
             older.c.id < e.c.id,
-            older.c.status.in_([_PENDING, _IN_FLIGHT]),
+            older.c.status.in_([PENDING, IN_FLIGHT]),
         )
         .offset(sa.literal_column("0"))
     )
-    conditions = [e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()]
+    conditions = [e.c.status == PENDING, e.c.next_attempt_at <= utcnow()]
     if contact_order:
         conditions.append(~older_open)
     due = (
@@ -127,7 +131,7 @@ def _claim_statement(contact_order: bool) -> sa.Update:
         sa.update(e)
         .where(e.c.id.in_(due.scalar_subquery()))
         .values(
-            status=_IN_FLIGHT,
+            status=IN_FLIGHT,
             lease_token=sa.bindparam("b_token"),
             lease_expires_at=seconds_from_now(sa.bindparam("b_lease", type_=sa.Float)),
         )
@@ -177,25 +181,25 @@ def _outcome_statement(src: Any) -> sa.Update:
     An outcome only lands on a row still in_flight under the same claim: a late
     answer never overwrites a row that lease rescue gave to another daemon.
     """
-    released = sa.and_(src.status == _PENDING, src.charge == 0)  # halt, throttle, shutdown
+    released = sa.and_(src.status == PENDING, src.charge == 0)  # halt, throttle, shutdown
     return (
         sa.update(e)
-        .where(e.c.id == src.id, e.c.status == _IN_FLIGHT, e.c.lease_token == src.token)
+        .where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token)
         .values(
             status=src.status,
             attempts=e.c.attempts + src.charge,
             next_attempt_at=sa.case(
-                (src.status == _PENDING, seconds_from_now(src.delay)), else_=e.c.next_attempt_at
+                (src.status == PENDING, seconds_from_now(src.delay)), else_=e.c.next_attempt_at
             ),
-            delivered_at=sa.case((src.status == _DELIVERED, utcnow()), else_=e.c.delivered_at),
-            failed_at=sa.case((src.status == _DEAD, utcnow()), else_=e.c.failed_at),
+            delivered_at=sa.case((src.status == DELIVERED, utcnow()), else_=e.c.delivered_at),
+            failed_at=sa.case((src.status == DEAD, utcnow()), else_=e.c.failed_at),
             # A released row keeps the answer that stopped it, so operators see
             # why it waits; any other outcome says what its own attempt got.
             last_status_code=sa.case(
                 (released, sa.func.coalesce(src.code, e.c.last_status_code)), else_=src.code
             ),
             last_error=sa.case(
-                (src.status == _DELIVERED, sa.null()),
+                (src.status == DELIVERED, sa.null()),
                 (released, sa.func.coalesce(src.error, e.c.last_error)),
                 else_=src.error,
             ),
@@ -212,7 +216,7 @@ def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
         select = select.select_from(from_)
     return sa.insert(outbox_attempts).from_select(
         ["event_id", "attempt", "status_code", "error", "duration_ms"],
-        select.where(e.c.id == src.id, e.c.status == _IN_FLIGHT, e.c.lease_token == src.token),
+        select.where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token),
     )
 
 
@@ -226,19 +230,19 @@ _WRITE = {
 }
 
 _BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
-    e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
+    e.c.status == PENDING, e.c.next_attempt_at <= utcnow()
 )
 
 _RENEW = (
     sa.update(e)
-    .where(e.c.status == _IN_FLIGHT, e.c.lease_token.in_(sa.bindparam("b_tokens", expanding=True)))
+    .where(e.c.status == IN_FLIGHT, e.c.lease_token.in_(sa.bindparam("b_tokens", expanding=True)))
     .values(lease_expires_at=seconds_from_now(sa.bindparam("b_lease", type_=sa.Float)))
 )
 
 _RESCUE = (
     sa.update(e)
-    .where(e.c.status == _IN_FLIGHT, e.c.lease_expires_at < utcnow())
-    .values(status=_PENDING, next_attempt_at=utcnow(), lease_token=None, lease_expires_at=None)
+    .where(e.c.status == IN_FLIGHT, e.c.lease_expires_at < utcnow())
+    .values(status=PENDING, next_attempt_at=utcnow(), lease_token=None, lease_expires_at=None)
     .returning(e.c.id)
 )
 
@@ -336,31 +340,45 @@ class OutboxStore:
 
     # -- the operator's commands ---------------------------------------------
 
-    def stats(self) -> Stats:
+    def stats(self, count_limit: int | None = None) -> Stats:
+        """With count_limit, a reading whose cost does not grow with the table (the
+        console's overview): each status counted up to that many (`counts_capped_at`),
+        dead letters by status code among the newest that many (DEAD_BY_CODE_SAMPLE at
+        most), no oldest-pending age."""
         with self.engine.connect() as conn:
-            counts = {s: 0 for s in ("pending", "in_flight", "delivered", "dead")}
-            counts.update(
-                {
-                    s: n
-                    for s, n in conn.execute(
-                        sa.select(e.c.status, sa.func.count()).group_by(e.c.status)
-                    )
-                }
-            )
+            # One count per status with a literal status: each reads its partial index
+            # (three are small), where a GROUP BY reads the whole table.
+            counts = {
+                status: conn.execute(_status_count(status, count_limit)).scalar_one()
+                for status in ("pending", "in_flight", "delivered", "dead")
+            }
             now = conn.execute(sa.select(utcnow())).scalar_one()
-            oldest_pending = conn.execute(
-                sa.select(sa.func.min(e.c.created_at)).where(e.c.status == _PENDING)
-            ).scalar_one()
+            oldest_pending = (
+                None
+                if count_limit
+                else conn.execute(
+                    sa.select(sa.func.min(e.c.created_at)).where(e.c.status == PENDING)
+                ).scalar_one()
+            )
             due_count, oldest_due = conn.execute(_BACKLOG).one()
             recent = conn.execute(
                 sa.select(sa.func.count()).where(
-                    e.c.status == _DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
+                    e.c.status == DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
                 )
             ).scalar_one()
+            dead_rows: Any = e
+            if count_limit:
+                dead_rows = (
+                    sa.select(e.c.last_status_code)
+                    .where(e.c.status == DEAD)
+                    .order_by(e.c.id.desc())
+                    .limit(min(count_limit, DEAD_BY_CODE_SAMPLE))
+                    .subquery()
+                )
             dead = conn.execute(
-                sa.select(e.c.last_status_code, sa.func.count())
-                .where(e.c.status == _DEAD)
-                .group_by(e.c.last_status_code)
+                sa.select(dead_rows.c.last_status_code, sa.func.count())
+                .where(*([] if count_limit else [e.c.status == DEAD]))
+                .group_by(dead_rows.c.last_status_code)
             ).all()
             daemons = conn.execute(
                 sa.select(outbox_daemons)
@@ -369,6 +387,7 @@ class OutboxStore:
             ).all()
         return Stats(
             counts=counts,
+            counts_capped_at=count_limit,
             due=due_count,
             oldest_pending_age_s=_age(now, oldest_pending),
             oldest_due_age_s=_age(now, oldest_due),
@@ -411,6 +430,14 @@ class OutboxStore:
             total += deleted
             if deleted < batch_size or stop():
                 return total
+
+
+def _status_count(status: str, limit: int | None) -> Any:
+    where = e.c.status == sa.literal_column(f"'{status}'")
+    if limit is None:
+        return sa.select(sa.func.count()).where(where)
+    capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
+    return sa.select(sa.func.count()).select_from(capped)
 
 
 def _claimed(row: Any, token: str) -> ClaimedEvent:
@@ -456,9 +483,9 @@ def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) 
         cutoff: Any = sa.literal(older_than, UTCDateTime())
     else:
         cutoff = seconds_from_now(-older_than.total_seconds())
-    finished = sa.and_(e.c.status == _DELIVERED, e.c.delivered_at < cutoff)
+    finished = sa.and_(e.c.status == DELIVERED, e.c.delivered_at < cutoff)
     if include_dead:
-        finished = sa.or_(finished, sa.and_(e.c.status == _DEAD, e.c.failed_at < cutoff))
+        finished = sa.or_(finished, sa.and_(e.c.status == DEAD, e.c.failed_at < cutoff))
     return finished
 
 

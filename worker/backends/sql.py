@@ -101,3 +101,25 @@ def _contact_key_pg(element: contact_key, compiler: Any, **kw: Any) -> str:
 def _contact_key_sqlite(element: contact_key, compiler: Any, **kw: Any) -> str:
     (email,) = element.clauses
     return f"lower({compiler.process(email, **kw)})"
+
+
+class minute_of(FunctionElement[str]):
+    """A timestamp's UTC minute as text, 'YYYY-MM-DD HH:MM', to count events per minute."""
+
+    type = sa.Text()
+    inherit_cache = True
+
+    def __init__(self, when: Any) -> None:
+        super().__init__(when)
+
+
+@compiles(minute_of, "postgresql")
+def _minute_of_pg(element: minute_of, compiler: Any, **kw: Any) -> str:
+    (when,) = element.clauses
+    return f"to_char({compiler.process(when, **kw)} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI')"
+
+
+@compiles(minute_of, "sqlite")
+def _minute_of_sqlite(element: minute_of, compiler: Any, **kw: Any) -> str:
+    (when,) = element.clauses
+    return f"strftime('%Y-%m-%d %H:%M', {compiler.process(when, **kw)})"
