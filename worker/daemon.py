@@ -40,7 +40,8 @@ from worker.policy import Action, Answer, Outcome, Verdict, decide, pause_for
 from worker.senders import Job, SenderPool
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
-from worker.wakeup import Listener
+from worker.tracing import DeliveryTracing, log_fields
+from worker.wakeup import Wakeups, wakeups_for
 
 log = logging.getLogger("worker.daemon")
 T = TypeVar("T")
@@ -66,12 +67,13 @@ class Daemon:
         self.store = store
         self.deliverer = deliverer
         self.telemetry = telemetry or Telemetry()
+        self.tracing = DeliveryTracing()
         self.gate = SendGate(s.rate_limit)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
-        self._listener: Listener | None = None
+        self._listener: Wakeups | None = None
         self._maintenance: Maintenance | None = None
         self.breaker = Breaker(
             s.concurrency,
@@ -139,8 +141,8 @@ class Daemon:
         maintenance.start()
         self._maintenance = maintenance
         self.senders.start()
-        if self.store.dialect == "postgresql":
-            self._listener = Listener(self.store.engine.url, self._wake)
+        self._listener = wakeups_for(self.store.engine.url, self._wake)
+        if self._listener:
             self._listener.start()
         try:
             return self._loop()
@@ -224,7 +226,12 @@ class Daemon:
                 ).body()
             except InvalidEvent as exc:  # a row written with plain SQL that breaks the rules
                 reason = f"invalid event: {exc}"
-        log.warning("outbox id %d is never sent, dead-lettered: %s", event.id, reason)
+        log.warning(
+            "outbox id %d is never sent, dead-lettered: %s",
+            event.id,
+            reason,
+            extra=log_fields(event),
+        )
         self.completer.finish(event, Outcome(Action.DEAD, None, reason, charged=False))
         return None
 
@@ -273,6 +280,7 @@ class Daemon:
                 event.attempts + 1,
                 outcome.error,
                 outcome.retry_in,
+                extra=log_fields(event),
             )
         elif outcome.action is Action.DEAD:
             log.warning(
@@ -280,7 +288,9 @@ class Daemon:
                 event.id,
                 event.attempts + 1,
                 outcome.error,
+                extra=log_fields(event),
             )
+        self.tracing.attempt(event, answer, outcome)
         self.completer.finish(event, outcome)
 
     def _publish(self) -> None:

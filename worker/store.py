@@ -57,6 +57,9 @@ class ClaimedEvent:
     created_at: dt.datetime | None  # None when unreadable
     lease_token: str
     unreadable: str | None = None  # why the row cannot be sent as it is (never sent)
+    # The enqueuing span's W3C context, as stored (worker.tracecontext reads it).
+    traceparent: Any = None
+    tracestate: Any = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ def _claim_statement(contact_order: bool) -> sa.Update:
             # As stored: a plain-SQL row on SQLite may hold text that is no
             # timestamp, which must dead-letter that row, not fail the claim.
             sa.type_coerce(e.c.created_at, sa.Text).label("created_at"),
+            e.c.traceparent,
+            e.c.tracestate,
         )
     )
 
@@ -471,6 +476,8 @@ def _claimed(row: Any, token: str) -> ClaimedEvent:
         created_at,
         token,
         "; ".join(problems) or None,
+        row.traceparent,
+        row.tracestate,
     )
 
 

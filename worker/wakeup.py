@@ -1,22 +1,97 @@
-"""Wake-ups: PostgreSQL's LISTEN/NOTIFY where there is one, polling always as the fallback.
+"""Wake-ups within milliseconds of a commit, polling always as the fallback.
 
-A trigger on outbox_events notifies the channel after every inserting
-statement. The listener is its own connection on its own thread; when it
-dies, it says so once, the daemon keeps polling, and it listens again.
+PostgreSQL: a trigger on outbox_events notifies the channel after every
+inserting statement; the Listener is its own connection on its own thread.
+SQLite: the DataVersionWatcher reads `PRAGMA data_version` on its own
+connection every few tens of milliseconds; the number moves when another
+connection commits to the file. Either one, when it fails, says so once, the
+daemon keeps polling every --poll-interval, and it starts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import threading
 import time
+from typing import Protocol
 
 import psycopg
 import sqlalchemy as sa
 
 CHANNEL = "outbox_events"
 _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
+# Seconds between two reads of SQLite's data_version: a wake-up within about
+# half of it on average, for about 20 µs of CPU a read (under 0.2% of a core idle).
+WATCH_INTERVAL = 0.02
 log = logging.getLogger("worker.wakeup")
+
+
+class Wakeups(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def join(self, timeout: float) -> None: ...
+
+
+def wakeups_for(url: sa.URL, wake: threading.Event) -> Wakeups | None:
+    """What wakes the daemon on this database; None where only polling can (an in-memory SQLite)."""
+    if url.get_backend_name() == "postgresql":
+        return Listener(url, wake)
+    if url.database and url.database != ":memory:" and not url.query.get("uri"):
+        return DataVersionWatcher(url.database, wake)
+    return None
+
+
+class DataVersionWatcher:
+    """Sets `wake` when another connection (the application's, an operator's) commits
+    to the SQLite file. The daemon's own commits move the number too: that costs one
+    claim that finds nothing, after a batch is recorded."""
+
+    def __init__(self, path: str, wake: threading.Event, interval: float = WATCH_INTERVAL) -> None:
+        self._path = path
+        self._wake = wake
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                # Its own connection: data_version counts the commits of the others.
+                with contextlib.closing(
+                    sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                ) as conn:
+                    conn.execute("PRAGMA busy_timeout=1000")
+                    (seen,) = conn.execute("PRAGMA data_version").fetchone()
+                    if failures:
+                        log.info("wake-ups restored: watching the SQLite file again")
+                        self._wake.set()  # a commit may have come while we were away
+                    failures = 0
+                    while not self._stopping.wait(self._interval):
+                        (version,) = conn.execute("PRAGMA data_version").fetchone()
+                        if version != seen:
+                            seen = version
+                            self._wake.set()
+            except sqlite3.Error as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "wake-ups off (%s); polling until the watcher can read the file again",
+                        str(exc).strip() or type(exc).__name__,
+                    )
+                self._stopping.wait(min(30.0, 0.5 * 2**failures))
 
 
 class Listener:
