@@ -77,8 +77,9 @@ class DataVersionWatcher:
                     (seen,) = conn.execute("PRAGMA data_version").fetchone()
                     if failures:
                         log.info("wake-ups restored: watching the SQLite file again")
-                        self._wake.set()  # a commit may have come while we were away
                     failures = 0
+                    # A commit may have come before the first read (or while we were away).
+                    self._wake.set()
                     while not self._stopping.wait(self._interval):
                         (version,) = conn.execute("PRAGMA data_version").fetchone()
                         if version != seen:
