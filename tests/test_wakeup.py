@@ -12,6 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from tests.conftest import run_cli
 from tests.daemons import enqueue, status_counts, wait_until
 from worker import db
 from worker.wakeup import DataVersionWatcher, Listener, wakeups_for
@@ -51,6 +52,28 @@ def test_a_daemon_polling_hourly_on_sqlite_delivers_a_commit(sqlite_url, endpoin
         assert daemon.stop() == 0
         engine.dispose()
     assert "wake-ups off" not in daemon.log()
+
+
+def test_a_daemon_polling_hourly_on_sqlite_delivers_a_requeued_event(sqlite_url, endpoint, spawn):
+    engine = db.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_events (email, event, status, last_error)"
+                " VALUES ('dead@example.com', 'e', 'dead', 'oops')"
+            )
+        )
+    daemon = spawn(sqlite_url, endpoint.url, "--poll-interval", NEVER)
+    try:
+        wait_until(
+            lambda: "delivering to" in daemon.log() and _heartbeats(engine), 30, "the daemon"
+        )
+        done = run_cli("dead-letters", "requeue", "--all", "--database-url", sqlite_url)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: status_counts(engine).get("delivered") == 1, 30, "the requeued event")
+    finally:
+        assert daemon.stop() == 0
+        engine.dispose()
 
 
 def test_a_watcher_for_a_file_sqlite_url_a_listener_for_postgresql(tmp_path: Path):

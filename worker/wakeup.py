@@ -4,7 +4,8 @@ PostgreSQL: a trigger on outbox_events notifies the channel after every
 inserting statement; the Listener is its own connection on its own thread.
 SQLite: the DataVersionWatcher reads `PRAGMA data_version` on its own
 connection every few tens of milliseconds; the number moves when another
-connection commits to the file. Either one, when it fails, says so once, the
+connection commits to the file, and a new newest id or due time says whether
+there is something to claim. Either one, when it fails, says so once, the
 daemon keeps polling every --poll-interval, and it starts again.
 """
 
@@ -44,9 +45,10 @@ def wakeups_for(url: sa.URL, wake: threading.Event) -> Wakeups | None:
 
 
 class DataVersionWatcher:
-    """Sets `wake` when another connection (the application's, an operator's) commits
-    to the SQLite file. The daemon's own commits move the number too: that costs one
-    claim that finds nothing, after a batch is recorded."""
+    """Sets `wake` when another connection commits a new row to the SQLite file, or makes
+    a row due now (a requeue): data_version moves at every commit of another connection,
+    the daemon's own included, and then the newest id and the earliest due time say
+    whether that commit gave the daemon something to claim."""
 
     def __init__(self, path: str, wake: threading.Event, interval: float = WATCH_INTERVAL) -> None:
         self._path = path
@@ -75,6 +77,7 @@ class DataVersionWatcher:
                 ) as conn:
                     conn.execute("PRAGMA busy_timeout=1000")
                     (seen,) = conn.execute("PRAGMA data_version").fetchone()
+                    mark = _watermark(conn)
                     if failures:
                         log.info("wake-ups restored: watching the SQLite file again")
                     failures = 0
@@ -82,8 +85,14 @@ class DataVersionWatcher:
                     self._wake.set()
                     while not self._stopping.wait(self._interval):
                         (version,) = conn.execute("PRAGMA data_version").fetchone()
-                        if version != seen:
-                            seen = version
+                        if version == seen:
+                            continue
+                        # Something committed: a new row, or an earlier due time that has
+                        # come (a requeue), wakes the daemon, as NOTIFY does on PostgreSQL;
+                        # its own claims and records do not.
+                        seen, before = version, mark
+                        mark = _watermark(conn)
+                        if mark[0] != before[0] or (mark[1] != before[1] and mark[2]):
                             self._wake.set()
             except sqlite3.Error as exc:
                 failures += 1
@@ -93,6 +102,18 @@ class DataVersionWatcher:
                         str(exc).strip() or type(exc).__name__,
                     )
                 self._stopping.wait(min(30.0, 0.5 * 2**failures))
+
+
+# The newest id (ids are never given twice) and the earliest due time of a pending
+# row, with whether it has come: an index probe each (the key, the due index).
+_WATERMARK = """
+SELECT (SELECT max(id) FROM outbox_events), due, due <= strftime('%Y-%m-%d %H:%M:%f', 'now')
+FROM (SELECT min(next_attempt_at) AS due FROM outbox_events WHERE status = 'pending')
+"""
+
+
+def _watermark(conn: sqlite3.Connection) -> tuple[object, object, object]:
+    return conn.execute(_WATERMARK).fetchone()
 
 
 class Listener:
