@@ -99,6 +99,7 @@ class Daemon:
             min(s.batch_size, max(1, math.ceil(s.rate_limit))) if s.rate_limit else s.batch_size
         )
         self._patience = self._patience_policy()
+        self._more_due = False  # the last claim got all it asked for: more may be due
 
     @property
     def delivered(self) -> int:
@@ -177,7 +178,9 @@ class Daemon:
             if s.exit_when_drained and claimed == 0 and not held():
                 log.info("drained: nothing is due; %d delivered by this run", self.delivered)
                 return EXIT_OK
-            if not claimed:  # nothing due, or not asking (full, paused, halted): wait
+            # Nothing due, fewer due than asked for (a commit since then wakes us),
+            # or not asking (full, paused, halted): wait.
+            if not claimed or not self._more_due:
                 self._wake.wait(self._idle_wait())
         return EXIT_OK
 
@@ -201,6 +204,7 @@ class Daemon:
         token = f"{self._identity}:{next(self._claims)}"
         with self.telemetry.claim_seconds.time():
             claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
+        self._more_due = len(claimed) == limit
         self.completer.hold(claimed)
         if probe and claimed:
             self.breaker.probe_sent()
@@ -334,7 +338,14 @@ class Daemon:
 
     def _db(self, call: Callable[[], T]) -> T:
         """Run a store call; while the database is unreachable, log, back off and retry."""
-        result = self._patience(call)
+        try:
+            # Directly first: the retry policy costs more than a claim's own Python
+            # work, and this runs a few times per event at a low rate.
+            result = call()
+        except sa.exc.DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            result = self._patience(call)
         self.telemetry.database_answered(True)
         return result
 

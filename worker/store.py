@@ -258,6 +258,9 @@ _WRITE = {
     ),
 }
 
+# Whether the outcomes of a batch are one statement (arrays) or one per row.
+_ONE_STATEMENT = {"sqlite": False, "postgresql": True}
+
 _BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
     e.c.status == _PENDING, e.c.next_attempt_at <= utcnow()
 )
@@ -284,6 +287,10 @@ class OutboxStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        # A single statement is atomic by itself: run alone it needs no BEGIN and
+        # no COMMIT, two round trips fewer on PostgreSQL (claims and most records
+        # at a low rate come one event at a time).
+        self._single = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- the delivery loop -------------------------------------------------
 
@@ -293,7 +300,7 @@ class OutboxStore:
         """Take up to `limit` due rows, oldest due first; with contact_order, never a
         row while an older row of its contact is pending or in flight."""
         params = {"b_limit": limit, "b_token": token, "b_lease": lease_seconds}
-        with self.engine.begin() as conn:
+        with self._single.connect() as conn:
             rows = conn.execute(_CLAIM[contact_order], params).all()
         claimed = [_claimed(r, token) for r in rows]
         claimed.sort(key=lambda c: c.id)
@@ -311,6 +318,10 @@ class OutboxStore:
         outcomes = [_outcome_row(r) for r in records]
         attempts = [_attempt_row(r) for r in records if _writes_attempt(r.outcome)]
         write_outcomes, write_attempts = _WRITE[self.dialect]
+        if not attempts and _ONE_STATEMENT[self.dialect]:  # deliveries and releases
+            with self._single.connect() as conn:
+                conn.execute(write_outcomes, _bind(_OUTCOME_COLUMNS, outcomes, self.dialect))
+            return
         with self.engine.begin() as conn:
             # Attempts first: their guard needs the rows still in_flight.
             if attempts:
