@@ -369,3 +369,18 @@ def test_an_exporter_no_package_provides_is_one_warning_and_delivery_goes_on(sql
     warnings = [line for line in done.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "'nosuchexporter'" in warnings[0]
     assert len(endpoint.requests) == 1
+
+
+def test_events_show_gives_the_events_traceparent(sqlite_url):
+    engine = db.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO outbox_events (email, event, traceparent) VALUES (:e, 'e', :t)"),
+            {"e": EMAIL, "t": TRACEPARENT},
+        )
+    engine.dispose()
+    shown = run_cli("events", "show", "1", "--database-url", sqlite_url)
+    assert shown.returncode == 0, shown.stderr
+    assert ["traceparent", TRACEPARENT] in [line.split() for line in shown.stdout.splitlines()]
+    as_json = run_cli("events", "show", "1", "--json", "--database-url", sqlite_url)
+    assert json.loads(as_json.stdout)["event"]["traceparent"] == TRACEPARENT

@@ -208,7 +208,11 @@ class Daemon:
         self.completer.hold(claimed)
         if probe and claimed:
             self.breaker.probe_sent()
-            log.info("delivery halted; probing the endpoint with outbox id %d", claimed[0].id)
+            log.info(
+                "delivery halted; probing the endpoint with outbox id %d",
+                claimed[0].id,
+                extra=log_fields(claimed[0]),
+            )
         for event in claimed:
             body = self._body(event)
             if body is not None:
@@ -338,14 +342,7 @@ class Daemon:
 
     def _db(self, call: Callable[[], T]) -> T:
         """Run a store call; while the database is unreachable, log, back off and retry."""
-        try:
-            # Directly first: the retry policy costs more than a claim's own Python
-            # work, and this runs a few times per event at a low rate.
-            result = call()
-        except sa.exc.DBAPIError as exc:
-            if not is_transient(exc):
-                raise
-            result = self._patience(call)
+        result = self._patience(call)
         self.telemetry.database_answered(True)
         return result
 
