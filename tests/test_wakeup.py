@@ -36,6 +36,25 @@ def test_a_commit_by_another_connection_wakes_the_watcher(sqlite_url):
         watcher.join(5)
 
 
+def test_without_a_wal_index_to_map_the_watcher_reads_data_version_at_every_tick(sqlite_url):
+    path = sa.make_url(sqlite_url).database
+    with sqlite3.connect(path) as conn:  # a rollback journal: no -shm file to map
+        assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    wake = threading.Event()
+    watcher = DataVersionWatcher(path, wake, interval=0.01)
+    watcher.start()
+    try:
+        assert wake.wait(10)
+        wake.clear()
+        assert not Path(f"{path}-shm").exists()
+        with sqlite3.connect(path) as other:
+            other.execute("INSERT INTO outbox_events (email, event) VALUES ('a@example.com', 'e')")
+        assert wake.wait(10), "a commit did not wake the watcher"
+    finally:
+        watcher.stop()
+        watcher.join(5)
+
+
 def test_a_daemon_polling_hourly_on_sqlite_delivers_a_commit(sqlite_url, endpoint, spawn):
     daemon = spawn(sqlite_url, endpoint.url, "--poll-interval", NEVER)
     engine = db.create_engine(sqlite_url)
