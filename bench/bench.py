@@ -30,6 +30,9 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from latency import latency  # noqa: E402  (bench/ is the script's folder)
+from tracing_cost import tracing_cost  # noqa: E402
+
 from tests.pgserver import PostgresServer, free_port  # noqa: E402
 from worker import db, track_event, track_events  # noqa: E402
 from worker.schema import outbox_events  # noqa: E402
@@ -274,60 +277,6 @@ def enqueue_cost(args: argparse.Namespace, bes: list[Backend]) -> None:
         engine.dispose()
 
 
-def latency(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None:
-    print("\n## 3. Commit-to-delivery latency with an idle daemon waiting (ms)\n")
-    print("| backend | offered events/s | p50 | p99 | max | baseline: poll interval |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for be in bes:
-        for rate in (200, 1000):
-            url = be.new_url()
-            env = {**os.environ, "OUTBOX_MA_KEY": KEY}
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "worker", "run", "--log-level", "WARNING",
-                 "--database-url", url, "--endpoint-url", nginx.url],
-                env=env,
-            )  # fmt: skip
-            time.sleep(2.0)  # idle and waiting
-            committed = produce(url, rate, args.latency_seconds)
-            time.sleep(2.0)
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
-            engine = db.create_engine(url)
-            with engine.connect() as conn:
-                delivered = dict(
-                    conn.execute(sa.select(outbox_events.c.id, outbox_events.c.delivered_at)).all()
-                )
-            engine.dispose()
-            lat = sorted(
-                (delivered[i].timestamp() - t) * 1000 for i, t in committed if delivered.get(i)
-            )
-            missing = len(committed) - len(lat)
-            p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
-            note = f" ({missing} undelivered)" if missing else ""
-            print(
-                f"| {be.name} | {rate} | {p50:.1f} | {p99:.1f} | {lat[-1]:.1f}{note} | 1000 |",
-                flush=True,
-            )
-
-
-def produce(url: str, rate: int, seconds: float) -> list[tuple[int, float]]:
-    """Commit one event at a time at `rate`/s; (id, wall-clock commit time) for each."""
-    engine = db.create_engine(url)
-    committed: list[tuple[int, float]] = []
-    interval = 1.0 / rate
-    start = time.monotonic()
-    for i in range(int(rate * seconds)):
-        target = start + i * interval
-        delay = target - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        with Session(engine) as session, session.begin():
-            outbox_id = track_event(session, email=f"p{i}@example.com", event="page_viewed")
-        committed.append((outbox_id, time.time()))
-    engine.dispose()
-    return committed
-
-
 def history(args: argparse.Namespace, pg_backend: Backend, nginx: Nginx) -> None:
     n_hist = args.history_rows
     print(f"\n## 4. Scale of history (PostgreSQL, {n_hist:,} rows)\n")
@@ -489,6 +438,8 @@ def main() -> None:
     args.sizes = [5000] if args.quick else [20000, 100000]
     args.enqueue_tx = 500 if args.quick else 3000
     args.latency_seconds = 3 if args.quick else 10
+    args.idle_seconds = 5 if args.quick else 20
+    args.full_events = 5000 if args.quick else 20000
     args.history_rows = 100_000 if args.quick else 1_000_000
     args.rss_seconds = 5 if args.quick else 20
     args.churn_window = 10_000 if args.quick else 50_000
@@ -508,8 +459,10 @@ def main() -> None:
             throughput(args, bes, nginx, ceiling)
         if "enqueue" in only:
             enqueue_cost(args, bes)
+            tracing_cost(args, [(be.name, be.new_url) for be in bes])
         if "latency" in only:
-            latency(args, bes, nginx)
+            by_name = {be.name: be.new_url for be in bes}
+            latency(args, lambda name: by_name[name](), fill, nginx.url, KEY)
         if "history" in only:
             history(args, bes[0], nginx)
         if "ordering" in only:

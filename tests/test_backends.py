@@ -136,12 +136,11 @@ def listening(engine: sa.Engine) -> Iterator[threading.Event | None]:
     wake = threading.Event()
     wakeups = backend.wakeups(engine.url, wake)
     if wakeups is None:
-        assert not backend.many_daemons  # polling only: the embedded default
-        yield None
+        yield None  # the daemon polls
         return
     wakeups.start()
     try:
-        wait_until(lambda: getattr(wakeups, "listening", threading.Event()).is_set(), 15, "LISTEN")
+        wait_until(lambda: wakeups.listening.is_set(), 15, "LISTEN")
         wake.clear()
         yield wake
     finally:
@@ -156,9 +155,21 @@ def test_wakeups_hear_a_committed_insert_where_the_backend_has_them(engine):
         assert wake is None or wake.wait(10), "no wake-up within 10 s of the commit"
 
 
-def test_notify_wakes_the_listener_where_there_is_one(engine):
+def test_a_row_made_due_now_with_notify_wakes_the_daemon(engine):
+    # What a requeue does: a waiting row becomes due now, and the backend is told.
     backend = backend_for(engine)
+    with engine.begin() as conn:
+        row_id = conn.execute(
+            sa.insert(outbox_events)
+            .values(email="a@example.com", event="x", next_attempt_at=seconds_from_now(3600))
+            .returning(outbox_events.c.id)
+        ).scalar_one()
     with listening(engine) as wake:
         with engine.begin() as conn:
-            backend.notify(conn)  # a no-op where there is nothing to wake; never an error
-        assert wake is None or wake.wait(10)
+            conn.execute(
+                sa.update(outbox_events)
+                .where(outbox_events.c.id == row_id)
+                .values(next_attempt_at=utcnow())
+            )
+            backend.notify(conn)
+        assert wake is None or wake.wait(10), "no wake-up within 10 s of the requeue"

@@ -138,8 +138,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.delivery import Deliverer
     from worker.store import OutboxStore
     from worker.telemetry import Telemetry, TelemetryServer
+    from worker.tracing import configure_from_environment
 
     settings = _settings(args).check()
+    # OpenTelemetry's own variables (OTEL_TRACES_EXPORTER, OTEL_SERVICE_NAME, ...).
+    stop_tracing = configure_from_environment(os.environ)
     engine = db.create_engine(settings.database_url)
     deliverer = Deliverer(
         settings.endpoint_url,
@@ -171,7 +174,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.lease,
         f"{settings.rate_limit:g}/s" if settings.rate_limit else "none",
     )
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        if stop_tracing:
+            stop_tracing()  # export the last spans before the process ends
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:

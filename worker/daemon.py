@@ -41,6 +41,7 @@ from worker.policy import Action, Answer, Outcome, Verdict, decide, pause_for
 from worker.senders import Job, SenderPool
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
+from worker.tracing import DeliveryTracing, log_fields
 
 log = logging.getLogger("worker.daemon")
 T = TypeVar("T")
@@ -66,6 +67,7 @@ class Daemon:
         self.store = store
         self.deliverer = deliverer
         self.telemetry = telemetry or Telemetry()
+        self.tracing = DeliveryTracing()
         self.gate = SendGate(s.rate_limit)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -97,6 +99,7 @@ class Daemon:
             min(s.batch_size, max(1, math.ceil(s.rate_limit))) if s.rate_limit else s.batch_size
         )
         self._patience = self._patience_policy()
+        self._more_due = False  # the last claim got all it asked for: more may be due
 
     @property
     def delivered(self) -> int:
@@ -175,7 +178,9 @@ class Daemon:
             if s.exit_when_drained and claimed == 0 and not held():
                 log.info("drained: nothing is due; %d delivered by this run", self.delivered)
                 return EXIT_OK
-            if not claimed:  # nothing due, or not asking (full, paused, halted): wait
+            # Nothing due, fewer due than asked for (a commit since then wakes us),
+            # or not asking (full, paused, halted): wait.
+            if not claimed or not self._more_due:
                 self._wake.wait(self._idle_wait())
         return EXIT_OK
 
@@ -199,10 +204,15 @@ class Daemon:
         token = f"{self._identity}:{next(self._claims)}"
         with self.telemetry.claim_seconds.time():
             claimed = self._db(lambda: self.store.claim_due(limit, s.lease, token, s.contact_order))
+        self._more_due = len(claimed) == limit
         self.completer.hold(claimed)
         if probe and claimed:
             self.breaker.probe_sent()
-            log.info("delivery halted; probing the endpoint with outbox id %d", claimed[0].id)
+            log.info(
+                "delivery halted; probing the endpoint with outbox id %d",
+                claimed[0].id,
+                extra=log_fields(claimed[0]),
+            )
         for event in claimed:
             body = self._body(event)
             if body is not None:
@@ -224,7 +234,12 @@ class Daemon:
                 ).body()
             except InvalidEvent as exc:  # a row written with plain SQL that breaks the rules
                 reason = f"invalid event: {exc}"
-        log.warning("outbox id %d is never sent, dead-lettered: %s", event.id, reason)
+        log.warning(
+            "outbox id %d is never sent, dead-lettered: %s",
+            event.id,
+            reason,
+            extra=log_fields(event),
+        )
         self.completer.finish(event, Outcome(Action.DEAD, None, reason, charged=False))
         return None
 
@@ -273,6 +288,7 @@ class Daemon:
                 event.attempts + 1,
                 outcome.error,
                 outcome.retry_in,
+                extra=log_fields(event),
             )
         elif outcome.action is Action.DEAD:
             log.warning(
@@ -280,7 +296,9 @@ class Daemon:
                 event.id,
                 event.attempts + 1,
                 outcome.error,
+                extra=log_fields(event),
             )
+        self.tracing.attempt(event, answer, outcome)
         self.completer.finish(event, outcome)
 
     def _publish(self) -> None:

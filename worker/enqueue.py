@@ -13,6 +13,7 @@ from worker.backends import all_backends, backend_for
 from worker.backends.sql import UTCDateTime, seconds_from_now
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
 from worker.schema import outbox_events
+from worker.tracecontext import current_context
 from worker.when import InvalidTime, parse_when
 
 # Also text or a number of seconds: "2031-05-06T14:30:00Z", "10m", 90 (see worker.when).
@@ -183,16 +184,29 @@ def _insert_statement(insert: Any) -> Any:
 _INSERT = {b.name: _insert_statement(b.insert(outbox_events)) for b in all_backends()}
 
 
-def insert_rows(connection: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+# insert_rows' default: the trace context of the span active in the caller.
+_ACTIVE_SPAN: Any = object()
+
+
+def insert_rows(
+    connection: sa.Connection, rows: list[dict[str, Any]], trace: Any = _ACTIVE_SPAN
+) -> list[int]:
     """Insert prepared rows through the caller's connection; their ids in the order given."""
-    return insert_rows_reporting_new(connection, rows)[0]
+    return insert_rows_reporting_new(connection, rows, trace)[0]
 
 
 def insert_rows_reporting_new(
-    connection: sa.Connection, rows: list[dict[str, Any]]
+    connection: sa.Connection, rows: list[dict[str, Any]], trace: Any = _ACTIVE_SPAN
 ) -> tuple[list[int], set[int]]:
     """Like insert_rows, and also the ids this call inserted (a repeated idempotency key
-    gives the id of the row that already had it)."""
+    gives the id of the row that already had it).
+
+    With `trace` (or, by default, the application's active OpenTelemetry span),
+    every row records that trace context.
+    """
+    trace = current_context() if trace is _ACTIVE_SPAN else trace
+    if trace:
+        rows = [{**row, **trace} for row in rows]
     inserted = connection.execute(_INSERT[backend_for(connection).name], rows).all()
     new = {r.id for r in inserted}
     # Ids are assigned in VALUES order, so unkeyed rows map back by position.

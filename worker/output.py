@@ -34,11 +34,19 @@ class LogFormatter(logging.Formatter):
                 "logger": record.name,
                 "message": record.getMessage(),
             }
+            trace_id = getattr(record, "trace_id", None)
+            if trace_id:
+                entry["trace_id"] = trace_id
             if record.exc_info:
                 entry["traceback"] = self.formatException(record.exc_info)
             text = json.dumps(entry, ensure_ascii=False)
         else:
             text = super().format(record)
+            # An attempt's line names the trace of the event (worker.tracing.log_fields),
+            # so that logs and traces join.
+            trace_id = getattr(record, "trace_id", None)
+            if trace_id:
+                text = f"{text} trace_id={trace_id}"
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
@@ -197,6 +205,7 @@ _SHOWN_FIELDS = (
     ("idempotency_key", "idempotency key"),
     ("lease_token", "claimed by"),
     ("lease_expires_at", "claim expires at"),
+    ("traceparent", "traceparent"),  # W3C: 00-<trace id>-<enqueuing span id>-<flags>
 )
 
 

@@ -43,6 +43,10 @@ outbox_events = sa.Table(
     # Who holds an in_flight row ("host:pid:claim") and until when.
     sa.Column("lease_token", sa.String(128), nullable=True),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    # The W3C trace context of the span that enqueued the event, when OpenTelemetry
+    # was active there: the daemon's delivery spans join that trace.
+    sa.Column("traceparent", sa.Text(), nullable=True),
+    sa.Column("tracestate", sa.Text(), nullable=True),
     sa.CheckConstraint(
         "status IN ('pending', 'in_flight', 'delivered', 'dead')",
         name="ck_outbox_events_status",

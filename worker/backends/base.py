@@ -13,6 +13,8 @@ import sqlalchemy as sa
 class Wakeups(Protocol):
     """A thread that sets the daemon's wake event when rows may be due."""
 
+    listening: threading.Event  # set while a commit would wake the daemon
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def join(self, timeout: float) -> None: ...
@@ -22,6 +24,9 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     # Daemons on many hosts share the database (their maintenance takes turns).
     many_daemons: ClassVar[bool]
+    # A batch bound by `bind` runs as one statement (so it needs no transaction
+    # around it), rather than one per row.
+    batch_is_one_statement: ClassVar[bool]
     # ALTER TABLE is done by copying the table (Alembic's batch mode).
     alters_tables_by_copy: ClassVar[bool]
 

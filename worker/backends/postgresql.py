@@ -25,6 +25,7 @@ MIGRATION_LOCK_KEY = 0x6F75_7462_6F78_6D67
 class PostgreSQL(Backend):
     name = "postgresql"
     many_daemons = True
+    batch_is_one_statement = True  # arrays, unnested
     alters_tables_by_copy = False
 
     def create_engine(self, url: sa.URL, **kwargs: Any) -> sa.Engine:
@@ -80,4 +81,4 @@ class PostgreSQL(Backend):
     def wakeups(self, url: sa.URL, wake: threading.Event) -> Wakeups | None:
         from worker.wakeup import Listener  # psycopg's notifies: loaded only where used
 
-        return Listener(url, wake)
+        return Listener(url, wake, CHANNEL)

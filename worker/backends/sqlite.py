@@ -19,6 +19,7 @@ from worker.backends.base import Backend, Wakeups
 class SQLite(Backend):
     name = "sqlite"
     many_daemons = False
+    batch_is_one_statement = False  # executemany: a statement per row
     alters_tables_by_copy = True
 
     def create_engine(self, url: sa.URL, **kwargs: Any) -> sa.Engine:
@@ -28,9 +29,9 @@ class SQLite(Backend):
 
     def url_problem(self, url: sa.URL) -> str | None:
         # sqlite3 says only "unable to open database file"; the missing folder is the usual cause.
-        if not url.database or url.database == ":memory:" or url.query.get("uri"):
+        if not _is_file(url):
             return None
-        folder = Path(url.database).parent
+        folder = Path(url.database or "").parent
         if folder.is_dir():
             return None
         return (
@@ -68,7 +69,15 @@ class SQLite(Backend):
         pass  # the daemon polls
 
     def wakeups(self, url: sa.URL, wake: threading.Event) -> Wakeups | None:
-        return None
+        if not _is_file(url):
+            return None  # an in-memory database: only this process writes it
+        from worker.wakeup import DataVersionWatcher
+
+        return DataVersionWatcher(url.database or "", wake)
+
+
+def _is_file(url: sa.URL) -> bool:
+    return bool(url.database) and url.database != ":memory:" and not url.query.get("uri")
 
 
 def _pragmas(dbapi_connection: Any, _record: Any) -> None:
