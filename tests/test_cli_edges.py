@@ -431,3 +431,30 @@ def schema_revision_of(url: str) -> tuple[str | None, str]:
 def test_a_duration_longer_than_any_can_be_exits_2(flag, sqlite_url) -> None:
     result = cli(sqlite_url, *FAST_RUN, f"{flag}=99999999999d", env={"OUTBOX_MA_KEY": KEY})
     assert_usage_error_naming(result, flag)
+
+
+SECRET_ON_COMMAND_LINE = "s3cr3t-typed-on-the-command-line"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--ma-key", SECRET_ON_COMMAND_LINE),
+        (f"--ma-key={SECRET_ON_COMMAND_LINE}",),
+    ],
+    ids=["space", "equals"],
+)
+def test_a_key_given_as_a_flag_is_refused_saying_where_keys_come_from(sqlite_url, args) -> None:
+    result = cli(sqlite_url, "run", *args, env=keyed())
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]  # after argparse's usage
+    assert SECRET_ON_COMMAND_LINE not in result.stderr + result.stdout
+    assert "--ma-key" in line and "OUTBOX_MA_KEY" in line and "--ma-key-file" in line
+
+
+def test_a_near_miss_flag_is_no_abbreviation_and_its_value_is_not_shown(sqlite_url) -> None:
+    # argparse would take --ma-key-fil for --ma-key-file, and echo an unknown flag's value.
+    result = cli(sqlite_url, "run", "--ma-key-fil", SECRET_ON_COMMAND_LINE, env=keyed())
+    assert result.returncode == 2
+    assert SECRET_ON_COMMAND_LINE not in result.stderr + result.stdout
+    assert "unrecognized arguments: --ma-key-fil " in result.stderr.strip().splitlines()[-1]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import sqlalchemy as sa
 
@@ -465,7 +465,25 @@ class _Parser(argparse.ArgumentParser):
 
     Done here, not in main, so that every parse (the subcommands' too) gives a
     complete namespace, and a bad variable is refused like a bad flag.
+
+    No abbreviations (`--ma-key-fil SECRET` would be read as --ma-key-file), and
+    an unrecognized argument's values are not echoed: one may be a key.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            words = message[len(prefix) :].split()
+            flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            hidden = len(words) - len(flags) + sum("=" in w for w in words if w.startswith("-"))
+            message = prefix + " ".join(flags)
+            if hidden:
+                message += f" (and {hidden} value{'s' if hidden > 1 else ''}, not shown)"
+        super().error(message)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extras = super().parse_known_args(args, namespace)
@@ -528,6 +546,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _RefuseKey(argparse.Action):
+    """A key given as a flag (where every user's `ps` shows it) is refused, unshown."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, variable: str) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS)
+        self.variable = variable
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        flag = self.option_strings[0]
+        parser.error(
+            f"{flag}: a key is never given on the command line (ps shows it to every user):"
+            f" set {self.variable} or use {flag}-file"
+        )
+
+
 class _Version(argparse.Action):
     """--version, looking the version up only when asked (it reads package metadata)."""
 
@@ -566,6 +599,7 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
     )
     keyed = _Parser(add_help=False)
+    keyed.add_argument("--ma-key", action=_RefuseKey, variable="OUTBOX_MA_KEY")
     _option(
         keyed,
         "--ma-key-file",
