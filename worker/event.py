@@ -213,6 +213,7 @@ def _walk(field: str, value: Any) -> int:
 # One encoder for the process: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _dumps = _ENCODER.encode
+dumps = _dumps  # compact JSON, as every body is written (worker.v3event too)
 
 
 def _reject_constant(name: str) -> Any:
