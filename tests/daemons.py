@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.conftest import KEY
-from tests.endpoint import Endpoint
+from tests.endpoint import Endpoint, data_of, events_in
 from worker import track_events
 
 _markers = itertools.count(1)
@@ -74,7 +74,9 @@ def truncated(endpoint: Endpoint) -> int:
 
 def received(endpoint: Endpoint) -> collections.Counter[str]:
     """How many times each marker reached the endpoint (in a whole request)."""
-    return collections.Counter(body["eventdata"]["id"] for body in complete_bodies(endpoint))
+    return collections.Counter(
+        data_of(event)["id"] for body in complete_bodies(endpoint) for event in events_in(body)
+    )
 
 
 def duplicates(counts: collections.Counter[str]) -> int:
@@ -113,6 +115,7 @@ class DaemonProcess:
     def __init__(self, url: str, endpoint_url: str, log_path: Path, *flags: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
         env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint_url, OUTBOX_DATABASE_URL=url)
+        env.update(OUTBOX_API_KEY=KEY)  # the v3 transports' key (--transport v3, v3-batch)
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
