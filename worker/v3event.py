@@ -28,7 +28,9 @@ _EVENT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 def check(event: Event, transport: str) -> None:
     """Raise InvalidEvent if `transport` cannot carry this (already valid) event."""
     if transport not in TRANSPORTS:
-        raise InvalidEvent("transport", f"must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        raise InvalidEvent(
+            "transport", f"must be one of {', '.join(TRANSPORTS)}, not {transport!r}"
+        )
     if transport == "tracker":
         return
     batch = transport == "v3-batch"
@@ -40,7 +42,7 @@ def check(event: Event, transport: str) -> None:
             "event", "may hold only letters, digits, - and _ for the v3 API (event_name)"
         )
     if event.properties is not None:
-        for key, value in event.properties.items():
+        for key, value in event.properties.items():  # a flat object: a few keys
             _check_key("properties", key)
             if batch and (type(value) is bool or not isinstance(value, (str, int))):
                 raise InvalidEvent(
@@ -49,7 +51,7 @@ def check(event: Event, transport: str) -> None:
                     f" (contact_properties), not {_kind(value)}",
                 )
     if event.eventdata is not None:
-        _check_event_properties(event.eventdata, batch)
+        _check_event_properties(event.eventdata, event.eventdata_json, batch)
 
 
 def body(event: Event, created_at: dt.datetime | None) -> bytes:
@@ -64,9 +66,9 @@ def encode(event: Event, created_at: dt.datetime | None) -> str:
     if created_at is not None:
         parts.append(f',"event_date":{dumps(event_date(created_at))}')
     if event.properties is not None:
-        parts.append(f',"contact_properties":{dumps(event.properties)}')
+        parts.append(f',"contact_properties":{event.properties_json or dumps(event.properties)}')
     if event.eventdata is not None:
-        parts.append(f',"event_properties":{dumps(event.eventdata)}')
+        parts.append(f',"event_properties":{event.eventdata_json or dumps(event.eventdata)}')
     parts.append("}")
     return "".join(parts)
 
@@ -77,14 +79,19 @@ def event_date(created_at: dt.datetime) -> str:
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _check_event_properties(value: dict[str, Any], batch: bool) -> None:
-    size = len(dumps(value).encode("utf-8"))
+def _check_event_properties(value: dict[str, Any], text: str | None, batch: bool) -> None:
+    text = text if text is not None else dumps(value)
+    size = len(text.encode("utf-8"))
     if size > MAX_EVENT_PROPERTIES_BYTES:
         raise InvalidEvent(
             "eventdata",
             f"size {size} bytes is over the v3 limit of {MAX_EVENT_PROPERTIES_BYTES}"
             " for event_properties",
         )
+    # The walk is the costly part: text this short holds no key that long, and
+    # text without true or false holds no boolean.
+    if size <= MAX_KEY_LENGTH and not (batch and ("true" in text or "false" in text)):
+        return
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
