@@ -24,7 +24,7 @@ from typing import Any
 from worker import v3event
 from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.event import InvalidEvent
-from worker.policy import Answer, Verdict
+from worker.policy import Answer, Verdict, classify
 from worker.store import ClaimedEvent
 from worker.transport import Attempt, Exchange, Rejected, Request, Transport
 
@@ -129,6 +129,10 @@ class V3BatchTransport(Transport):
                     todo[:0] = [items[:half], items[half:]]
                     continue
             exchange.results += [(event, answer) for event in events]
+            if todo and classify(code) in (Verdict.HALT, Verdict.THROTTLE):
+                # Halves still waiting are not sent into a halt or a 429: back uncharged.
+                exchange.results += [(event, None) for rest in todo for event, _ in rest]
+                return exchange
         return exchange
 
     def _named(self, answer: Answer, count: int) -> dict[int, str]:

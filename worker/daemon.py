@@ -96,12 +96,14 @@ class Daemon:
             wake=self._wake,
         )
         # Beyond a request per sender, the requests that may wait for their turn:
-        # about a second's worth under a rate limit, else one batch. Held rows' leases
-        # are renewed, so waiting longer costs nothing but holding them from others.
+        # about a second's worth under a rate limit, else one claim's rows. Held rows'
+        # leases are renewed, so waiting longer costs nothing but holding them from others.
+        self._per_request = per = transport.events_per_request
         self._lookahead = (
-            min(s.batch_size, max(1, math.ceil(s.rate_limit))) if s.rate_limit else s.batch_size
+            min(s.batch_size, max(1, math.ceil(s.rate_limit)))
+            if s.rate_limit
+            else max(1, s.batch_size // per)
         )
-        self._per_request = transport.events_per_request
         self._patience = self._patience_policy()
 
     @property
