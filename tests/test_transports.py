@@ -302,3 +302,32 @@ def test_a_killed_daemon_loses_nothing(engine, endpoint, transport, spawn):
     wait_until(all_delivered(engine, 300), 60, "the second daemon to deliver every event")
     assert second.stop() == 0, second.log()
     assert set(received(endpoint)) == set(markers)  # at least once each, none lost
+
+
+# -- metrics ----------------------------------------------------------------------
+
+
+def test_metrics_count_requests_and_events_per_request_by_transport(engine, endpoint, transport):
+    from tests.conftest import fast_settings
+    from worker.daemon import Daemon
+    from worker.store import OutboxStore
+    from worker.telemetry import Telemetry
+
+    add(engine, [spec(n) for n in range(6)])
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO outbox_events (email, event) VALUES ('x@example.com', ' ')")
+        )
+    telemetry = Telemetry()
+    url = engine.url.render_as_string(hide_password=False)
+    settings = fast_settings(url, endpoint.url_for(transport), transport=transport)
+    assert Daemon(settings, OutboxStore(engine), None, telemetry).run() == 0
+    value = telemetry.registry.get_sample_value
+    requests = 1 if transport == "v3-batch" else 6
+    assert (
+        value("outbox_requests_total", {"transport": transport, "status_code": "204"}) == requests
+    )
+    assert value("outbox_request_events_count", {"transport": transport}) == requests
+    assert value("outbox_request_events_sum", {"transport": transport}) == 6
+    assert value("outbox_events_rejected_total", {"transport": transport}) == 1
+    assert value("outbox_events_delivered_total") == 6
