@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from worker import InvalidEvent, track_event
 from worker.batch import V3BatchTransport, failed_indexes
 from worker.delivery import Deliverer
 from worker.event import validate
+from worker.policy import Answer, Verdict, classify
 from worker.store import ClaimedEvent
 from worker.v3event import body, check, event_date
 
@@ -146,3 +148,62 @@ def test_failed_indexes_reads_every_variant_and_ignores_the_rest():
         b'{"errors": [{"eventIndex": [true]}]}',
     ):
         assert failed_indexes(nothing) == []
+
+
+# -- one batch answer into each event's -------------------------------------------
+
+
+def exchange(answers, count: int = 8):
+    """Run the batch transport's exchange with scripted answers (one per request)."""
+    transport = batching()
+    (request,), _ = transport.prepare([claimed(n) for n in range(count)])
+    sent: list[int] = []
+
+    def attempt(body: bytes) -> Answer | None:
+        sent.append(len(json.loads(body)["events"]))
+        return answers(json.loads(body)["events"]) if callable(answers) else answers.pop(0)
+
+    result = transport.exchange(request, attempt)
+    shares = {event.id: share for event, share in result.results}
+    return shares, sent, result
+
+
+def verdicts(shares) -> dict[int, Any]:
+    return {i: (s.verdict or classify(s.status_code)) if s else None for i, s in shares.items()}
+
+
+def test_a_400_naming_indexes_dead_letters_those_and_delivers_the_rest():
+    body = json.dumps({"errors": [{"eventIndex": [2, 5], "message": "bad name"}]}).encode()
+    shares, sent, _ = exchange([Answer(400, "HTTP 400", content=body)])
+    assert sent == [8]
+    dead = {i for i, v in verdicts(shares).items() if v is Verdict.DEAD}
+    assert dead == {2, 5} and set(verdicts(shares).values()) == {Verdict.DEAD, Verdict.DELIVERED}
+    assert shares[2].error == "HTTP 400 bad name (eventIndex 2 of a batch of 8)"
+
+
+def test_a_207_naming_none_delivers_all():
+    shares, _, _ = exchange([Answer(207, None, content=b'{"message": "ok"}')])
+    assert set(verdicts(shares).values()) == {Verdict.DELIVERED}
+
+
+def test_a_400_naming_none_is_split_until_the_bad_event_is_alone():
+    def answers(events):
+        bad = any(e["event_properties"]["id"] == "m:5" for e in events)
+        return Answer(400, "HTTP 400 bad batch") if bad else Answer(202)
+
+    shares, sent, result = exchange(answers)
+    assert sent == [8, 4, 4, 2, 1, 1, 2]  # depth first: the bad half is split before the next
+    assert {i for i, v in verdicts(shares).items() if v is Verdict.DEAD} == {5}
+    assert len(result.answers) == len(sent) and len(shares) == 8
+
+
+def test_a_split_stops_at_a_429_and_sends_no_more_halves():
+    shares, sent, _ = exchange([Answer(400, "HTTP 400 bad batch"), Answer(429, "HTTP 429")])
+    assert sent == [8, 4]
+    assert [i for i, s in shares.items() if s is None] == [4, 5, 6, 7]  # back, uncharged
+    assert {shares[i].status_code for i in range(4)} == {429}
+
+
+def test_an_unsent_batch_leaves_every_event_unsent():
+    shares, _, result = exchange([None])
+    assert set(shares.values()) == {None} and result.answers == []
