@@ -197,6 +197,12 @@ def test_a_400_naming_none_is_split_until_the_bad_event_is_alone():
     assert len(result.answers) == len(sent) and len(shares) == 8
 
 
+def test_a_413_naming_none_is_split_too():
+    answers = [Answer(413, "HTTP 413 too large")] + [Answer(202)] * 2
+    shares, sent, _ = exchange(answers)
+    assert sent == [8, 4, 4] and set(verdicts(shares).values()) == {Verdict.DELIVERED}
+
+
 def test_a_split_stops_at_a_429_and_sends_no_more_halves():
     shares, sent, _ = exchange([Answer(400, "HTTP 400 bad batch"), Answer(429, "HTTP 429")])
     assert sent == [8, 4]

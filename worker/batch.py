@@ -7,7 +7,8 @@ event a request.
 
 Answers: a 2xx delivers every event; a 207 or 400 naming failing indexes
 (`errors: [{eventIndex: [..], message}]`) dead-letters those with their
-message and delivers the rest; a 400 naming none is split in halves, each sent
+message and delivers the rest; a 400 (or 413, 422: any refusal) naming none
+is split in halves, each sent
 again at once (a turn of the gate each), until the bad events are alone, so one
 bad event never dead-letters its 199 neighbours; every other answer (429, 5xx,
 network, 401) is every event's answer, as for a single request. A split counts
@@ -118,18 +119,18 @@ class V3BatchTransport(Transport):
                 return exchange
             exchange.answers.append((len(items), answer))
             events = [event for event, _ in items]
-            code = answer.status_code
-            if code in (207, 400):
+            code, verdict = answer.status_code, classify(answer.status_code)
+            if code == 207 or verdict is Verdict.DEAD:
                 named = self._named(answer, len(events))
                 if named or code == 207:
                     exchange.results += self._shares(events, answer, named)
                     continue
-                if len(events) > 1:
+                if len(events) > 1:  # a refusal of the request (400, 413, 422...): halve it
                     half = len(items) // 2
                     todo[:0] = [items[:half], items[half:]]
                     continue
             exchange.results += [(event, answer) for event in events]
-            if todo and classify(code) in (Verdict.HALT, Verdict.THROTTLE):
+            if todo and verdict in (Verdict.HALT, Verdict.THROTTLE):
                 # Halves still waiting are not sent into a halt or a 429: back uncharged.
                 exchange.results += [(event, None) for rest in todo for event, _ in rest]
                 return exchange
