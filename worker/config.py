@@ -196,7 +196,7 @@ def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
         raise SettingsError(f"the endpoint URL {url!r} is not an http(s) URL with a host")
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise SettingsError(
-            "the endpoint URL is plain http to a remote host, which would send the ma-key"
+            "the endpoint URL is plain http to a remote host, which would send the key"
             " in the clear: use https, or pass --allow-insecure-endpoint"
         )
 
