@@ -331,3 +331,19 @@ def test_metrics_count_requests_and_events_per_request_by_transport(engine, endp
     assert value("outbox_request_events_sum", {"transport": transport}) == 6
     assert value("outbox_events_rejected_total", {"transport": transport}) == 1
     assert value("outbox_events_delivered_total") == 6
+
+
+def test_each_request_takes_one_turn_of_the_rate_gate(engine, endpoint, transport):
+    from tests.conftest import fast_settings
+    from worker.daemon import Daemon
+    from worker.store import OutboxStore
+
+    add(engine, [spec(n) for n in range(6)])
+    url = engine.url.render_as_string(hide_password=False)
+    settings = fast_settings(url, endpoint.url_for(transport), transport=transport, rate_limit=50)
+    daemon = Daemon(settings, OutboxStore(engine))
+    turns = []
+    wait_turn = daemon.gate.wait_turn
+    daemon.gate.wait_turn = lambda cancel=None: turns.append(1) or wait_turn(cancel)  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert len(turns) == len(endpoint.requests) == (1 if transport == "v3-batch" else 6)
