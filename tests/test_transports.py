@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from tests.conftest import KEY, deliver, rows
 from tests.daemons import all_delivered, enqueue, received, wait_until
 from tests.endpoint import Endpoint, Received, Reply, data_of, name_of
-from worker import track_events
+from worker import InvalidEvent, track_events
 from worker.schema import outbox_events
 
 TRANSPORTS = ["tracker", "v3", "v3-batch"]
@@ -347,3 +347,24 @@ def test_each_request_takes_one_turn_of_the_rate_gate(engine, endpoint, transpor
     daemon.gate.wait_turn = lambda cancel=None: turns.append(1) or wait_turn(cancel)  # type: ignore[method-assign]
     assert daemon.run() == 0
     assert len(turns) == len(endpoint.requests) == (1 if transport == "v3-batch" else 6)
+
+
+def test_the_async_track_event_checks_the_transport_rules_too(sqlite_url):
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from worker import asyncio as outbox
+
+    engine = create_async_engine(sqlite_url.replace("sqlite://", "sqlite+aiosqlite://"))
+
+    async def track() -> None:
+        async with engine.begin() as conn:
+            await outbox.track_events(
+                conn, [{"email": "a@example.com", "event": "x", "properties": {"V": True}}],
+                transport="v3-batch",
+            )  # fmt: skip
+
+    with pytest.raises(InvalidEvent, match="string or an integer for the v3 batch API"):
+        asyncio.run(track())
+    asyncio.run(engine.dispose())
