@@ -68,6 +68,21 @@ def test_a_bad_transport_setting_exits_2_naming_it(sqlite_url, flags, says):
     assert result.returncode == 2 and says in result.stderr
 
 
+@pytest.mark.parametrize(
+    "transport, url, says",
+    [
+        ("v3", "https://in-automate.brevo.com/api/v2/trackEvent", "is the tracker's trackEvent"),
+        ("tracker", "https://api.brevo.com/v3/events", "is the v3 events API"),
+        ("v3-batch", "https://api.brevo.com/v3/events/batch", "which v3-batch adds itself"),
+    ],
+)
+def test_an_endpoint_of_the_other_api_exits_2(sqlite_url, transport, url, says):
+    result = drained(
+        sqlite_url, url, "--transport", transport, OUTBOX_API_KEY=KEY, OUTBOX_MA_KEY=KEY
+    )
+    assert result.returncode == 2 and says in result.stderr.splitlines()[-1]
+
+
 def test_v3_batch_delivers_with_the_key_from_its_file_and_never_shows_it(
     sqlite_url, endpoint: Endpoint, tmp_path: Path
 ):

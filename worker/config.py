@@ -136,6 +136,7 @@ class Settings:
         else:
             check_api_key(self.api_key)
         check_endpoint_url(self.endpoint_url, self.allow_insecure_endpoint)
+        check_endpoint_matches(self.endpoint_url, self.transport)
         numbers = {
             "--concurrency": self.concurrency,
             "--batch-size": self.batch_size,
@@ -198,6 +199,27 @@ def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
         raise SettingsError(
             "the endpoint URL is plain http to a remote host, which would send the key"
             " in the clear: use https, or pass --allow-insecure-endpoint"
+        )
+
+
+def check_endpoint_matches(url: str, transport: str) -> None:
+    """Refuse an endpoint URL that is plainly another API's: every event sent there
+    would be refused (a 400 for each, dead-lettered), so it is a setup error."""
+    path = urlsplit(url).path.rstrip("/")
+    if transport == "tracker" and path.endswith(("/v3/events", "/v3/events/batch")):
+        raise SettingsError(
+            f"the endpoint URL {url!r} is the v3 events API, but --transport is tracker:"
+            " pass --transport v3 or v3-batch (env OUTBOX_TRANSPORT), or the trackEvent URL"
+        )
+    if transport != "tracker" and path.endswith("/trackEvent"):
+        raise SettingsError(
+            f"the endpoint URL {url!r} is the tracker's trackEvent, but --transport is"
+            f" {transport}: set OUTBOX_ENDPOINT_URL to {DEFAULT_V3_ENDPOINT_URL} (or unset it)"
+        )
+    if transport == "v3-batch" and path.endswith("/batch"):
+        raise SettingsError(
+            f"the endpoint URL {url!r} ends in /batch, which v3-batch adds itself: give the"
+            " events URL (OUTBOX_ENDPOINT_URL, e.g. https://api.brevo.com/v3/events)"
         )
 
 
