@@ -177,11 +177,20 @@ def test_a_bad_request_naming_no_event_never_dead_letters_the_good_ones(
 
 
 def test_a_server_error_retries_the_request_and_counts_each_attempt_once(
-    engine, endpoint, transport
+    engine, endpoint, transport, caplog
 ):
     ids = add(engine, [spec(n) for n in range(6)])
     endpoint.respond = first_requests(1, Reply(503, b"busy"))
-    run_until_settled(engine, endpoint, transport, concurrency=1)
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        run_until_settled(engine, endpoint, transport, concurrency=1)
+    warnings = [r.getMessage() for r in caplog.records if "503" in r.getMessage()]
+    if transport == "v3-batch":  # one line for the request, not six
+        assert warnings == [
+            f"a request of 6 events (outbox ids from {ids[0]}) failed (HTTP 503 busy):"
+            " each is retried after its backoff"
+        ]
+    else:
+        assert len(warnings) == 1 and "attempt 1 failed (HTTP 503 busy)" in warnings[0]
     failed = attempts(engine)
     assert {a.status_code for a in failed} == {503} and all(a.attempt == 1 for a in failed)
     assert len(failed) == (6 if transport == "v3-batch" else 1)

@@ -255,16 +255,26 @@ class Daemon:
             first = done.job.request.events[0].id
             for carried, answer in done.exchange.answers:  # each HTTP answer once
                 self.telemetry.answered(self.transport.name, carried, answer)
-                self.breaker.answered(answer, classify(answer.status_code), done.job.probe, first)
+                verdict = classify(answer.status_code)
+                self.breaker.answered(answer, verdict, done.job.probe, first)
+                if carried > 1 and verdict is Verdict.RETRY:
+                    # One line for the request, not one per event it carried.
+                    log.warning(
+                        "a request of %d events (outbox ids from %d) failed (%s): each is"
+                        " retried after its backoff",
+                        carried,
+                        first,
+                        answer.error,
+                    )
             for event, share in done.exchange.results:
                 if not self.completer.holds(event):
                     continue  # released at shutdown before the answer came
                 if share is None:
                     self.completer.finish(event, Outcome(Action.RELEASE, charged=False))
                 else:
-                    self._outcome(event, share)
+                    self._outcome(event, share, quiet=len(done.job.request.events) > 1)
 
-    def _outcome(self, event: ClaimedEvent, answer: Answer) -> None:
+    def _outcome(self, event: ClaimedEvent, answer: Answer, quiet: bool = False) -> None:
         """One event's answer (the breaker has had the request's) into the row's outcome."""
         assert event.created_at is not None  # an unreadable row is never sent
         age = dt.datetime.now(dt.timezone.utc) - event.created_at
@@ -272,7 +282,8 @@ class Daemon:
         if verdict is Verdict.THROTTLE:  # due again when the pause it started ends
             outcome = dataclasses.replace(outcome, retry_in=self.gate.paused_for())
         elif outcome.action is Action.RETRY:
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "outbox id %d attempt %d failed (%s): retry in %.1fs",
                 event.id,
                 event.attempts + 1,
