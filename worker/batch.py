@@ -8,11 +8,12 @@ event a request.
 Answers: a 2xx delivers every event; a 207 or 400 naming failing indexes
 (`errors: [{eventIndex: [..], message}]`) dead-letters those with their
 message and delivers the rest; a 400 (or 413, 422: any refusal) naming none
-is split in halves, each sent
-again at once (a turn of the gate each), until the bad events are alone, so one
-bad event never dead-letters its 199 neighbours; every other answer (429, 5xx,
-network, 401) is every event's answer, as for a single request. A split counts
-as one attempt of each event: only its last answer is recorded.
+is split in halves, each sent again at once (a turn of the gate each), until
+the bad events are alone, so one bad event never dead-letters its 199
+neighbours; every other answer (429, 5xx, network, 401) is every event's
+answer, as for a single request, and ends a split (its other halves go back
+unsent). A split counts as one attempt of each event: only its last answer is
+recorded.
 """
 
 from __future__ import annotations
