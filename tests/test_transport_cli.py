@@ -103,7 +103,7 @@ def test_v3_batch_delivers_with_the_key_from_its_file_and_never_shows_it(
     )
     assert result.returncode == 0, result.stderr
     assert {r.status for r in rows(engine)} == {"delivered"}
-    assert [len(r.json) for r in endpoint.requests] == [3, 3, 1]  # bare arrays, 3 at most
+    assert sorted(len(r.json) for r in endpoint.requests) == [1, 3, 3]  # bare arrays, 3 at most
     assert {r.path for r in endpoint.requests} == {"/v3/events/batch"}
     assert {r.headers["api-key"] for r in endpoint.requests} == {KEY}
     assert sorted(e["event_properties"]["id"] for e in endpoint.events()) == sorted(markers)
