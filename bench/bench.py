@@ -43,6 +43,7 @@ BODY = (
     '"eventdata":{"id":"cart:1001","data":{"price":"50.00"}}}'
 )
 DEFAULT_FLAGS: list[str] = []
+BAD_EVENT = "refused_event"
 BEST_FLAGS = ["--concurrency", "32", "--batch-size", "200"]
 
 
@@ -136,8 +137,15 @@ def _migrated(url: str) -> str:
     return url
 
 
-def fill(url: str, n: int, contacts: int | None = None, status: str = "pending") -> None:
-    """n events, one contact each unless `contacts` is given."""
+def fill(
+    url: str,
+    n: int,
+    contacts: int | None = None,
+    status: str = "pending",
+    bad: frozenset[int] = frozenset(),
+) -> None:
+    """n events, one contact each unless `contacts` is given; those numbered in `bad`
+    named BAD_EVENT, which the sink refuses."""
     engine = db.create_engine(url)
     chunk = 5000
     with engine.begin() as conn:
@@ -147,7 +155,7 @@ def fill(url: str, n: int, contacts: int | None = None, status: str = "pending")
                 [
                     {
                         "email": f"c{(i % contacts) if contacts else i}@example.com",
-                        "event": "cart_updated",
+                        "event": BAD_EVENT if i in bad else "cart_updated",
                         "properties": {"FIRSTNAME": "Jane"},
                         "eventdata": {"id": f"cart:{i}", "data": {"price": "50.00"}},
                         "status": status,
@@ -180,7 +188,7 @@ class RunResult:
 
 def run_daemon(url: str, endpoint: str, flags: list[str], processes: int = 1) -> RunResult:
     """`outbox-worker run --exit-when-drained` as real processes; wall and CPU time."""
-    env = {**os.environ, "OUTBOX_MA_KEY": KEY}
+    env = {**os.environ, "OUTBOX_MA_KEY": KEY, "OUTBOX_API_KEY": KEY}
     command = [
         sys.executable, "-m", "worker", "run", "--exit-when-drained", "--log-level", "WARNING",
         "--database-url", url, "--endpoint-url", endpoint, *flags,
@@ -411,6 +419,80 @@ def fill_shared_contacts(url: str, n: int) -> None:
     engine.dispose()
 
 
+def transports(args: argparse.Namespace, bes: list[Backend], nginx: Nginx) -> None:
+    print("\n## 6. Transports: v3-batch vs the tracker (same backlog, nginx answering 204)\n")
+    print(
+        "| backend | events | settings | tracker events/s | v3-batch events/s | ratio"
+        " | tracker CPU ms/event | v3-batch CPU ms/event | v3-batch, less start-up |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    v3_url = nginx.url.replace("/api/v2/trackEvent", "/v3/events")
+    for be in bes:
+        # A run with nothing to deliver: the process's start-up and exit, in CPU seconds.
+        idle = run_daemon(be.new_url(), v3_url, ["--transport", "v3-batch"]).cpu_seconds
+        for n in args.transport_sizes:
+            for label, flags in (("defaults", DEFAULT_FLAGS), ("best", BEST_FLAGS)):
+                figures: dict[str, list[tuple[float, float]]] = {"tracker": [], "v3-batch": []}
+                for _ in range(args.repeat):
+                    for name, endpoint in (("tracker", nginx.url), ("v3-batch", v3_url)):
+                        url = be.new_url()
+                        fill(url, n)
+                        result = run_daemon(url, endpoint, [*flags, "--transport", name])
+                        assert count(url, "delivered") == n
+                        figures[name].append((n / result.seconds, result.cpu_seconds * 1000 / n))
+                t_rate, t_cpu = (
+                    statistics.median(x) for x in zip(*figures["tracker"], strict=True)
+                )
+                b_rate, b_cpu = (
+                    statistics.median(x) for x in zip(*figures["v3-batch"], strict=True)
+                )
+                print(
+                    f"| {be.name} | {n:,} | {label} | {t_rate:,.0f} | {b_rate:,.0f}"
+                    f" | {b_rate / t_rate:.1f}x | {t_cpu:.3f} | {b_cpu:.3f}"
+                    f" | {b_cpu - idle * 1000 / n:.3f} |",
+                    flush=True,
+                )
+
+
+def bad_events(args: argparse.Namespace, bes: list[Backend]) -> None:
+    """v3-batch against the local sink: clean, 1% bad events spread at random, and
+    under the sink's 10 requests/s with the daemon's --rate-limit 10."""
+    import random
+
+    from worker.sink import Sink
+
+    n = args.transport_sizes[0]
+    print(f"\n## 7. v3-batch with bad events and a rate limit (local sink, {n:,} events)\n")
+    print(
+        "| backend | run | events/s (good ones) | of the clean run | dead | 429s | exactly once |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
+    rng = random.Random(11)
+    for be in bes:
+        clean = 0.0
+        runs = (("clean", 0, 0), ("1% bad", n // 100, 0), ("sink 10 req/s, --rate-limit 10", 0, 10))
+        for label, bad_count, limit in runs:
+            bad = frozenset(rng.sample(range(n), bad_count))
+            url = be.new_url()
+            fill(url, n, bad=bad)
+            with Sink(
+                KEY, refuse_events=[BAD_EVENT], transport="v3-batch", rate_limit=limit
+            ) as sink:
+                flags = ["--transport", "v3-batch", "--rate-limit", str(limit)]
+                result = run_daemon(url, sink.url, flags)
+                good = [e["event_properties"]["id"] for e in sink.received]
+                throttled = sink.counts.get(429, 0)
+            rate = (n - bad_count) / result.seconds
+            clean = clean or rate
+            dead = count(url, "dead")
+            once = len(good) == len(set(good)) == n - bad_count and dead == bad_count
+            print(
+                f"| {be.name} | {label} | {rate:,.0f} | {rate / clean:.0%} | {dead}"
+                f" | {throttled} | {'yes' if once else 'NO'} |",
+                flush=True,
+            )
+
+
 # -- main ------------------------------------------------------------------------
 
 
@@ -431,11 +513,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
     parser.add_argument(
-        "--only", nargs="+", choices=["throughput", "enqueue", "latency", "history", "ordering"]
+        "--only",
+        nargs="+",
+        choices=["throughput", "enqueue", "latency", "history", "ordering", "transports"],
     )
     args = parser.parse_args()
     args.repeat = 1 if args.quick else 3
     args.sizes = [5000] if args.quick else [20000, 100000]
+    args.transport_sizes = [20000] if args.quick else [20000, 100000]
     args.enqueue_tx = 500 if args.quick else 3000
     args.latency_seconds = 3 if args.quick else 10
     args.idle_seconds = 5 if args.quick else 20
@@ -444,7 +529,9 @@ def main() -> None:
     args.rss_seconds = 5 if args.quick else 20
     args.churn_window = 10_000 if args.quick else 50_000
     args.churn_events = 30_000 if args.quick else 1_000_000
-    only = set(args.only or ["throughput", "enqueue", "latency", "history", "ordering"])
+    only = set(
+        args.only or ["throughput", "enqueue", "latency", "history", "ordering", "transports"]
+    )
 
     print(f"# outbox-worker benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(
@@ -467,6 +554,9 @@ def main() -> None:
             history(args, bes[0], nginx)
         if "ordering" in only:
             ordering(args, bes, nginx)
+        if "transports" in only:
+            transports(args, bes, nginx)
+            bad_events(args, bes)
 
 
 if __name__ == "__main__":

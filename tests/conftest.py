@@ -23,7 +23,6 @@ from tests.pgserver import PostgresServer
 from worker import db
 from worker.config import Settings
 from worker.daemon import Daemon
-from worker.delivery import Deliverer
 from worker.policy import RetryBudget
 from worker.store import OutboxStore
 
@@ -142,6 +141,7 @@ def fast_settings(db_url: str, endpoint_url: str, **overrides: Any) -> Settings:
         "database_url": db_url,
         "endpoint_url": endpoint_url,
         "ma_key": KEY,
+        "api_key": KEY,
         "budget": budget,
         "concurrency": 4,
         "batch_size": 20,
@@ -159,10 +159,7 @@ def deliver(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> int:
     """Run the real daemon in this process until drained; return its exit code."""
     url = engine.url.render_as_string(hide_password=False)
     settings = fast_settings(url, endpoint_url, **overrides)
-    deliverer = Deliverer(
-        endpoint_url, KEY, timeout=settings.timeout, pool_size=settings.concurrency
-    )
-    return Daemon(settings, OutboxStore(engine), deliverer).run()
+    return Daemon(settings, OutboxStore(engine)).run()  # the settings' transport
 
 
 def rows(engine: sa.Engine, sql: str = "SELECT * FROM outbox_events ORDER BY id") -> list[Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.conftest import KEY
-from tests.endpoint import Endpoint, Received
+from tests.endpoint import Endpoint, Received, data_of, events_in
 from worker import track_events
 
 _markers = itertools.count(1)
@@ -79,15 +79,18 @@ def truncated(endpoint: Endpoint) -> int:
 
 def received(endpoint: Endpoint) -> collections.Counter[str]:
     """How many times each marker reached the endpoint (in a whole request)."""
-    return collections.Counter(body["eventdata"]["id"] for body in complete_bodies(endpoint))
+    return collections.Counter(
+        data_of(event)["id"] for body in complete_bodies(endpoint) for event in events_in(body)
+    )
 
 
 def delivered(endpoint: Endpoint) -> collections.Counter[str]:
     """How many times each marker was answered 2xx (in a whole request)."""
     return collections.Counter(
-        body["eventdata"]["id"]
+        data_of(event)["id"]
         for request, body in whole_requests(endpoint)
         if 200 <= request.status < 300
+        for event in events_in(body)
     )
 
 
@@ -127,6 +130,7 @@ class DaemonProcess:
     def __init__(self, url: str, endpoint_url: str, log_path: Path, *flags: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
         env.update(OUTBOX_MA_KEY=KEY, OUTBOX_ENDPOINT_URL=endpoint_url, OUTBOX_DATABASE_URL=url)
+        env.update(OUTBOX_API_KEY=KEY)  # the v3 transports' key (--transport v3, v3-batch)
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(

@@ -1,9 +1,11 @@
 """A programmable track-event endpoint for the tests: real HTTP on 127.0.0.1.
 
 Answers 204 by default; `script(event_name, *answers)` queues the answers
-that the next requests for that event get, in order; `choose`, when set, picks
-every other answer (a soak's mix of slow answers and 429s). Every request is
-kept, with the status it was answered.
+that the next requests for that event get, in order (a v3 batch request takes
+the script of the first of its events that has one); `respond`, when set,
+decides any request first (a soak's mix of slow answers and 429s). Every
+request is kept, with the status it was answered. It takes every transport's
+bodies: the tracker's, a v3 event, a v3 batch (either shape).
 """
 
 from __future__ import annotations
@@ -39,6 +41,29 @@ class Received:
     def json(self) -> Any:
         return json.loads(self.raw)
 
+    @property
+    def events(self) -> list[Any]:
+        return events_in(self.json)
+
+
+def events_in(body: Any) -> list[Any]:
+    """The events a body carries: itself, or a batch's list (either shape)."""
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict) and isinstance(body.get("events"), list):
+        return body["events"]
+    return [body]
+
+
+def name_of(event: Any) -> Any:
+    """The event's name in either API's spelling."""
+    return event.get("event", event.get("event_name")) if isinstance(event, dict) else None
+
+
+def data_of(event: Any) -> Any:
+    """The tracker's eventdata, which v3 sends as event_properties."""
+    return event.get("eventdata", event.get("event_properties"))
+
 
 class _Server(ThreadingHTTPServer):
     # The default backlog of 5 drops the SYNs of a burst of new connections
@@ -56,7 +81,7 @@ class Endpoint:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.default = Reply()
-        self.choose: Callable[[], Reply] | None = None
+        self.respond: Callable[[Received], Reply | None] | None = None
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -69,13 +94,22 @@ class Endpoint:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/api/v2/trackEvent"
 
+    @property
+    def v3_url(self) -> str:
+        """The v3 events API's URL (v3-batch posts to its /batch)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v3/events"
+
+    def url_for(self, transport: str) -> str:
+        return self.url if transport == "tracker" else self.v3_url
+
     def script(self, event: str, *replies: Reply) -> None:
         with self._lock:
             self._scripts[event].extend(replies)
 
     def events(self) -> list[Any]:
+        """Every event received, in order (a batch's one by one)."""
         with self._lock:
-            return [r.json for r in self.requests]
+            return [event for r in self.requests for event in r.events]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -84,19 +118,24 @@ class Endpoint:
     def _reply_for(self, received: Received) -> Reply:
         with self._lock:
             self.requests.append(received)
-            try:
-                name = json.loads(received.raw).get("event")
-            except ValueError:
-                name = None
-            queue = self._scripts.get(name)
-            if queue:
-                reply = queue.popleft()
-            elif self.choose:
-                reply = self.choose()
-            else:
-                reply = self.default
+            reply = self._choose(received)
             received.status = reply.status
             return reply
+
+    def _choose(self, received: Received) -> Reply:
+        if self.respond is not None:
+            reply = self.respond(received)
+            if reply is not None:
+                return reply
+        try:
+            names = [name_of(event) for event in received.events]
+        except ValueError:
+            names = []
+        for name in names:
+            queue = self._scripts.get(name)
+            if queue:
+                return queue.popleft()
+        return self.default
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         endpoint = self

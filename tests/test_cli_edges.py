@@ -437,19 +437,18 @@ SECRET_ON_COMMAND_LINE = "s3cr3t-typed-on-the-command-line"
 
 
 @pytest.mark.parametrize(
-    "args",
-    [
-        ("--ma-key", SECRET_ON_COMMAND_LINE),
-        (f"--ma-key={SECRET_ON_COMMAND_LINE}",),
-    ],
-    ids=["space", "equals"],
+    "flag, variable", [("--ma-key", "OUTBOX_MA_KEY"), ("--api-key", "OUTBOX_API_KEY")]
 )
-def test_a_key_given_as_a_flag_is_refused_saying_where_keys_come_from(sqlite_url, args) -> None:
+@pytest.mark.parametrize("joined", [False, True], ids=["space", "equals"])
+def test_a_key_given_as_a_flag_is_refused_saying_where_keys_come_from(
+    sqlite_url, flag, variable, joined
+) -> None:
+    args = (f"{flag}={SECRET_ON_COMMAND_LINE}",) if joined else (flag, SECRET_ON_COMMAND_LINE)
     result = cli(sqlite_url, "run", *args, env=keyed())
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]  # after argparse's usage
     assert SECRET_ON_COMMAND_LINE not in result.stderr + result.stdout
-    assert "--ma-key" in line and "OUTBOX_MA_KEY" in line and "--ma-key-file" in line
+    assert flag in line and variable in line and f"{flag}-file" in line
 
 
 def test_a_near_miss_flag_is_no_abbreviation_and_its_value_is_not_shown(sqlite_url) -> None:

@@ -666,7 +666,7 @@ def storm_run(
     url = new_pg_database(pg_server)
     engine = engine_for(url)
     endpoint = Endpoint()
-    endpoint.choose = choose
+    endpoint.respond = lambda _request: choose()
     logs = tmp_path_factory.mktemp("storm")
     markers: dict[str, int] = {}
     in_flight_at_kills: list[set[int]] = []

@@ -31,6 +31,7 @@ async def track_event(
     deliver_after: DeliverAfter = None,
     idempotency_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    transport: str = "tracker",
 ) -> int:
     """Record one event in the caller's open async transaction and return its outbox id.
 
@@ -47,6 +48,7 @@ async def track_event(
         deliver_after=deliver_after,
         idempotency_key=idempotency_key,
         max_body_bytes=max_body_bytes,
+        transport=transport,
     )
 
 
@@ -55,6 +57,7 @@ async def track_events(
     events: Iterable[Mapping[str, Any]],
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
+    transport: str = "tracker",
 ) -> list[int]:
     """Record many events in multi-row INSERTs; their ids in the order given.
 
@@ -62,7 +65,7 @@ async def track_events(
     before any SQL, so one invalid event writes nothing.
     """
     return await _async(session).run_sync(
-        enqueue.track_events, events, max_body_bytes=max_body_bytes
+        enqueue.track_events, events, max_body_bytes=max_body_bytes, transport=transport
     )
 
 

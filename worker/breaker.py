@@ -32,8 +32,8 @@ log = logging.getLogger("worker.daemon")
 LONG_PAUSE = 5.0
 
 _HINTS = {
-    401: "the key was refused: check OUTBOX_MA_KEY",
-    403: "the key is not allowed: check OUTBOX_MA_KEY and the account",
+    401: "the key was refused: check {key}",
+    403: "the key is not allowed: check {key} and the account",
     404: "the endpoint URL is wrong: check OUTBOX_ENDPOINT_URL",
 }
 _REDIRECT_HINT = "the endpoint redirects: set OUTBOX_ENDPOINT_URL to the final URL"
@@ -55,7 +55,9 @@ class Breaker:
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = _utcnow,
+        key_variable: str = "OUTBOX_MA_KEY",  # the transport's key, named in halt hints
     ) -> None:
+        self.key_variable = key_variable
         self.concurrency = concurrency
         self.gate = gate
         self.budget = budget
@@ -126,7 +128,7 @@ class Breaker:
         return pause
 
     def _halt(self, answer: Answer, event_id: int) -> None:
-        hint = _HINTS.get(answer.status_code or 0, _REDIRECT_HINT)
+        hint = _HINTS.get(answer.status_code or 0, _REDIRECT_HINT).format(key=self.key_variable)
         reason = f"{answer.error} ({hint})"
         if self.halted != reason:
             log.error(

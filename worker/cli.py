@@ -31,10 +31,12 @@ from worker.config import (
     BOUNDS,
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
+    DEFAULT_V3_ENDPOINT_URL,
     DRAINED_DATABASE_WAIT,
     Settings,
     SettingsError,
     bounds_text,
+    check_api_key,
     check_ma_key,
     check_number,
     env_variable,
@@ -64,8 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         _check_logging_flags(args)
-        key = _ma_key(args) if hasattr(args, "ma_key_file") else os.environ.get("OUTBOX_MA_KEY")
-        output.configure_logging(args.log_level, args.log_format, secrets=[key] if key else [])
+        keyed = hasattr(args, "ma_key_file")
+        keys = [
+            _ma_key(args) if keyed else os.environ.get("OUTBOX_MA_KEY"),
+            _api_key(args) if keyed else os.environ.get("OUTBOX_API_KEY"),
+        ]
+        output.configure_logging(args.log_level, args.log_format, secrets=[k for k in keys if k])
         return args.handler(args) or 0
     except BrokenPipeError:
         # The reader went away (`stats | head -1`): nothing more to say, and nobody to say it to.
@@ -135,21 +141,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.daemon import Daemon
-    from worker.delivery import Deliverer
     from worker.store import OutboxStore
     from worker.telemetry import Telemetry, TelemetryServer
     from worker.tracing import configure_from_environment
+    from worker.transport import build_transport
 
     settings = _settings(args).check()
     # OpenTelemetry's own variables (OTEL_TRACES_EXPORTER, OTEL_SERVICE_NAME, ...).
     stop_tracing = configure_from_environment(os.environ)
     engine = db.create_engine(settings.database_url)
-    deliverer = Deliverer(
-        settings.endpoint_url,
-        settings.ma_key,
-        timeout=settings.timeout,
-        pool_size=settings.concurrency,
-    )
+    transport = build_transport(settings)
     telemetry = Telemetry()
     if settings.metrics_port is not None:
         with _listening(
@@ -162,12 +163,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.metrics_host,
             server.port,
         )
-    daemon = Daemon(settings, OutboxStore(engine), deliverer, telemetry)
+    daemon = Daemon(settings, OutboxStore(engine), transport, telemetry)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     logging.getLogger("worker").info(
-        "delivering to %s from %s: concurrency %d, batch %d, lease %gs, rate limit %s",
+        "delivering to %s (transport %s) from %s: concurrency %d, batch %d, lease %gs,"
+        " rate limit %s",
         settings.endpoint_url,
+        settings.transport,
         db.redact(settings.database_url),
         settings.concurrency,
         settings.batch_size,
@@ -254,14 +257,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from worker.sink import Sink
 
-    key = _ma_key(args)
+    _check_transport(args.transport)
+    v3 = args.transport != "tracker"
+    key = _api_key(args) if v3 else _ma_key(args)
     if not key:
-        raise UsageError("the sink needs the key it accepts: set OUTBOX_MA_KEY or --ma-key-file")
-    check_ma_key(key)  # the key the daemon will send: the same rules
+        where = "OUTBOX_API_KEY or --api-key-file" if v3 else "OUTBOX_MA_KEY or --ma-key-file"
+        raise UsageError(f"the sink needs the key it accepts: set {where}")
+    (check_api_key if v3 else check_ma_key)(key)  # the key the daemon will send: the same rules
     check_number("--port", args.port)
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
     with _listening(args.host, args.port, "--host", "--port"):
-        sink = Sink(key, args.host, args.port, args.refuse_event or (), record)
+        sink = Sink(
+            key,
+            args.host,
+            args.port,
+            args.refuse_event or (),
+            record,
+            transport=args.transport,
+            rate_limit=args.rate_limit,
+        )
     print(f"sink listening on {sink.url}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -278,7 +292,18 @@ def cmd_sink(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(args.database_url)
+    _check_transport(args.transport)
+    return run_demo(args.database_url, args.transport)
+
+
+def _check_transport(name: str) -> None:
+    from worker.v3event import TRANSPORTS
+
+    if name not in TRANSPORTS:
+        raise UsageError(
+            f"--transport (env OUTBOX_TRANSPORT) must be one of {', '.join(TRANSPORTS)},"
+            f" not {name!r}"
+        )
 
 
 # -- helpers -------------------------------------------------------------------
@@ -287,8 +312,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
         database_url=args.database_url,
-        endpoint_url=args.endpoint_url,
+        endpoint_url=args.endpoint_url or "",
         ma_key=_ma_key(args),
+        transport=args.transport,
+        api_key=_api_key(args),
+        batch_max_events=args.batch_max_events,
+        batch_max_bytes=args.batch_max_bytes,
+        batch_shape=args.batch_shape,
         budget=RetryBudget(
             max_attempts=args.max_attempts,
             max_age=args.max_age,
@@ -315,16 +345,25 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _ma_key(args: argparse.Namespace) -> str:
     """The key from --ma-key-file, else OUTBOX_MA_KEY: never from a flag `ps` would show."""
-    if args.ma_key_file:
+    return _key(args.ma_key_file, "--ma-key-file", "OUTBOX_MA_KEY")
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    """The v3 key from --api-key-file, else OUTBOX_API_KEY, by the ma-key's rules."""
+    return _key(getattr(args, "api_key_file", None), "--api-key-file", "OUTBOX_API_KEY")
+
+
+def _key(path: str | None, flag: str, variable: str) -> str:
+    if path:
         try:
-            return Path(args.ma_key_file).read_text(encoding="utf-8").strip()
+            return Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise UsageError(f"cannot read --ma-key-file: {exc.strerror}") from None
+            raise UsageError(f"cannot read {flag}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise UsageError(
-                "--ma-key-file is not UTF-8 text: it must hold the key alone, as plain text"
+                f"{flag} is not UTF-8 text: it must hold the key alone, as plain text"
             ) from None
-    return os.environ.get("OUTBOX_MA_KEY", "").strip()
+    return os.environ.get(variable, "").strip()
 
 
 @contextlib.contextmanager
@@ -600,11 +639,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     keyed = _Parser(add_help=False)
     keyed.add_argument("--ma-key", action=_RefuseKey, variable="OUTBOX_MA_KEY")
+    keyed.add_argument("--api-key", action=_RefuseKey, variable="OUTBOX_API_KEY")
     _option(
         keyed,
         "--ma-key-file",
         "read the ma-key from this file; never from a flag",
         shown="none: the key itself from env OUTBOX_MA_KEY",
+    )
+    _option(
+        keyed,
+        "--api-key-file",
+        "read the v3 api-key from this file (--transport v3, v3-batch); never from a flag",
+        shown="none: the key itself from env OUTBOX_API_KEY",
+    )
+    _option(
+        keyed,
+        "--transport",
+        "tracker (trackEvent, one event a request), v3 (Brevo's v3 events API) or v3-batch"
+        " (its /batch, many events a request)",
+        "tracker",
     )
     sub = parser.add_subparsers(metavar="command")
 
@@ -622,7 +675,29 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run, "the delivery daemon", parents=(common, keyed))
     defaults, budget = Settings(), RetryBudget()
-    _option(run, "--endpoint-url", "the track-event endpoint", DEFAULT_ENDPOINT_URL)
+    _option(
+        run,
+        "--endpoint-url",
+        "the endpoint (v3-batch posts to its /batch)",
+        shown=f"{DEFAULT_ENDPOINT_URL}, or {DEFAULT_V3_ENDPOINT_URL} with --transport v3 or"
+        " v3-batch",
+    )
+    _option(
+        run,
+        "--batch-max-events",
+        "v3-batch: most events a request",
+        defaults.batch_max_events,
+        _whole,
+    )
+    _option(
+        run, "--batch-max-bytes", "v3-batch: largest request body", defaults.batch_max_bytes, _whole
+    )
+    _option(
+        run,
+        "--batch-shape",
+        'v3-batch body: object ({"events": [...]}, as documented) or array (a bare list)',
+        defaults.batch_shape,
+    )
     _option(run, "--exit-when-drained", "exit 0 once nothing is due", switch=True)
     _option(
         run,
@@ -739,10 +814,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sink.add_argument("--refuse-event", action="append", help="answer 400 to events of this name")
     sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
+    sink.add_argument(
+        "--rate-limit",
+        type=_whole,
+        default=0,
+        help="answer 429 with x-sib-ratelimit-* headers past this many requests a second"
+        " (default 0: no limit)",
+    )
 
     # The demo never touches OUTBOX_DATABASE_URL: it makes its own file anew.
     demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=())
     demo.add_argument("--database-url", default="sqlite:///outbox-demo.db")
     demo.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
     demo.add_argument("--log-format", default="text", help="text or json (default text)")
+    demo.add_argument(
+        "--transport",
+        default=os.environ.get("OUTBOX_TRANSPORT", "tracker"),
+        help="tracker, v3 or v3-batch (env OUTBOX_TRANSPORT; default tracker)",
+    )
     return parser

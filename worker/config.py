@@ -10,9 +10,11 @@ from urllib.parse import urlsplit
 
 from worker.event import MAX_BODY_BYTES
 from worker.policy import RetryBudget
+from worker.v3event import BATCH_SHAPES, TRANSPORTS
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 DEFAULT_ENDPOINT_URL = "https://in-automate.brevo.com/api/v2/trackEvent"
+DEFAULT_V3_ENDPOINT_URL = "https://api.brevo.com/v3/events"  # v3-batch posts to its /batch
 # Real keys are far longer; a shorter one is a typo, and redacting it would mangle log text.
 MIN_KEY_LENGTH = 8
 # A script or cron job running `run --exit-when-drained` gives up on a database
@@ -43,6 +45,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "--port": (0, 65535),  # sink; 0 picks a free one
     "--interval": (0.01, 3600),  # stats --watch
     "--database-wait": (0.1, 7 * 86400),
+    "--batch-max-events": (1, 200),  # Brevo's limits: configurable down, never up
+    "--batch-max-bytes": (1000, 512_000),
 }
 
 
@@ -75,8 +79,13 @@ def check_number(flag: str, value: float, variable: str | None = None) -> None:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
-    endpoint_url: str = DEFAULT_ENDPOINT_URL
+    endpoint_url: str = ""  # empty: the transport's default
     ma_key: str = dataclasses.field(default="", repr=False)  # never shown
+    transport: str = "tracker"  # tracker, v3 or v3-batch (worker.transport)
+    api_key: str = dataclasses.field(default="", repr=False)  # v3's key; never shown
+    batch_max_events: int = 200
+    batch_max_bytes: int = 512_000
+    batch_shape: str = "object"  # {"events": [...]}, or "array"
     budget: RetryBudget = dataclasses.field(default_factory=RetryBudget)
     concurrency: int = 16
     batch_size: int = 100
@@ -97,6 +106,13 @@ class Settings:
     metrics_port: int | None = None  # None: no metrics server
     metrics_host: str = "0.0.0.0"
 
+    def __post_init__(self) -> None:
+        if not self.endpoint_url:
+            default = (
+                DEFAULT_ENDPOINT_URL if self.transport == "tracker" else DEFAULT_V3_ENDPOINT_URL
+            )
+            object.__setattr__(self, "endpoint_url", default)
+
     def database_patience(self) -> float | None:
         """How long the daemon waits out a database that does not answer (None: for ever)."""
         if self.database_wait is not None:
@@ -105,8 +121,22 @@ class Settings:
 
     def check(self) -> Settings:
         """Refuse settings that cannot work, with the reason."""
-        check_ma_key(self.ma_key)
+        if self.transport not in TRANSPORTS:
+            raise SettingsError(
+                f"--transport (env OUTBOX_TRANSPORT) must be one of {', '.join(TRANSPORTS)},"
+                f" not {self.transport!r}"
+            )
+        if self.batch_shape not in BATCH_SHAPES:
+            raise SettingsError(
+                f"--batch-shape (env OUTBOX_BATCH_SHAPE) must be one of"
+                f" {', '.join(BATCH_SHAPES)}, not {self.batch_shape!r}"
+            )
+        if self.transport == "tracker":
+            check_ma_key(self.ma_key)
+        else:
+            check_api_key(self.api_key)
         check_endpoint_url(self.endpoint_url, self.allow_insecure_endpoint)
+        check_endpoint_matches(self.endpoint_url, self.transport)
         numbers = {
             "--concurrency": self.concurrency,
             "--batch-size": self.batch_size,
@@ -121,6 +151,8 @@ class Settings:
             "--backoff-max": self.budget.backoff_max,
             "--metrics-port": self.metrics_port,
             "--database-wait": self.database_wait,
+            "--batch-max-events": self.batch_max_events,
+            "--batch-max-bytes": self.batch_max_bytes,
         }
         for flag, value in numbers.items():
             if value is not None:
@@ -132,22 +164,29 @@ class Settings:
 
 def check_ma_key(key: str) -> None:
     """A key that can be real and can be sent as an HTTP header value; the message never shows it."""
+    _check_key(key, "ma-key", "OUTBOX_MA_KEY", "--ma-key-file", "the tracker's client key")
+
+
+def check_api_key(key: str) -> None:
+    """The v3 transport's api-key, by the ma-key's rules."""
+    _check_key(key, "api-key", "OUTBOX_API_KEY", "--api-key-file", "the account's v3 API key")
+
+
+def _check_key(key: str, name: str, variable: str, file_flag: str, what: str) -> None:
     if not key:
-        raise SettingsError(
-            "no ma-key: set OUTBOX_MA_KEY or pass --ma-key-file (the tracker's client key)"
-        )
+        raise SettingsError(f"no {name}: set {variable} or pass {file_flag} ({what})")
     if len(key) < MIN_KEY_LENGTH:
         raise SettingsError(
-            f"the ma-key is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
-            " key: check OUTBOX_MA_KEY or --ma-key-file"
+            f"the {name} is shorter than {MIN_KEY_LENGTH} characters, too short to be a real"
+            f" key: check {variable} or {file_flag}"
         )
     # Header values are latin-1 on the wire and refuse line breaks; real keys are
     # printable ASCII, so anything else (a Cyrillic letter, a tab) is a paste error.
     for position, char in enumerate(key, start=1):
         if not " " <= char <= "~":
             raise SettingsError(
-                f"the ma-key cannot be sent as an HTTP header: its character {position} is not"
-                " printable ASCII (check OUTBOX_MA_KEY or --ma-key-file)"
+                f"the {name} cannot be sent as an HTTP header: its character {position} is not"
+                f" printable ASCII (check {variable} or {file_flag})"
             )
 
 
@@ -158,8 +197,29 @@ def check_endpoint_url(url: str, allow_insecure: bool = False) -> None:
         raise SettingsError(f"the endpoint URL {url!r} is not an http(s) URL with a host")
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise SettingsError(
-            "the endpoint URL is plain http to a remote host, which would send the ma-key"
+            "the endpoint URL is plain http to a remote host, which would send the key"
             " in the clear: use https, or pass --allow-insecure-endpoint"
+        )
+
+
+def check_endpoint_matches(url: str, transport: str) -> None:
+    """Refuse an endpoint URL that is plainly another API's: every event sent there
+    would be refused (a 400 for each, dead-lettered), so it is a setup error."""
+    path = urlsplit(url).path.rstrip("/")
+    if transport == "tracker" and path.endswith(("/v3/events", "/v3/events/batch")):
+        raise SettingsError(
+            f"the endpoint URL {url!r} is the v3 events API, but --transport is tracker:"
+            " pass --transport v3 or v3-batch (env OUTBOX_TRANSPORT), or the trackEvent URL"
+        )
+    if transport != "tracker" and path.endswith("/trackEvent"):
+        raise SettingsError(
+            f"the endpoint URL {url!r} is the tracker's trackEvent, but --transport is"
+            f" {transport}: set OUTBOX_ENDPOINT_URL to {DEFAULT_V3_ENDPOINT_URL} (or unset it)"
+        )
+    if transport == "v3-batch" and path.endswith("/batch"):
+        raise SettingsError(
+            f"the endpoint URL {url!r} ends in /batch, which v3-batch adds itself: give the"
+            " events URL (OUTBOX_ENDPOINT_URL, e.g. https://api.brevo.com/v3/events)"
         )
 
 

@@ -30,6 +30,8 @@ from worker.policy import Answer
 MAX_ERROR_CHARS = 1000
 # What we read of a response body at all: enough for any error message.
 MAX_BODY_READ = 64 * 1024
+# A batch answer may name an error for each of its 200 events.
+MAX_BATCH_BODY_READ = 1024 * 1024
 USER_AGENT = "outbox-worker/0.1"
 
 
@@ -44,7 +46,13 @@ class Deliverer:
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
         pool_size: int = 8,
+        key_header: str = "ma-key",
+        keep_content: bool = False,
     ) -> None:
+        # keep_content: the answer carries its body (key redacted), for a transport
+        # that reads per-event errors from it; up to a batch's worth of them.
+        self._keep_content = keep_content
+        self._max_read = MAX_BATCH_BODY_READ if keep_content else MAX_BODY_READ
         self._session = requests.Session()
         adapter = _OneTargetAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
@@ -65,7 +73,7 @@ class Deliverer:
             "POST",
             endpoint_url,
             headers={
-                "ma-key": ma_key,
+                key_header: ma_key,
                 "content-type": "application/json",
                 "accept": "application/json",
                 "user-agent": USER_AGENT,
@@ -82,7 +90,7 @@ class Deliverer:
         started = time.monotonic()
         try:
             response = self._session.send(prepared, **self._send_options)
-            content = _read_body(response)
+            content = _read_body(response, self._max_read)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             failure: Exception | None = exc
         else:
@@ -95,13 +103,20 @@ class Deliverer:
         if failure is not None:
             return Answer(None, describe_network_error(failure, self._timeout), duration_ms)
         answer = _answer(response, content, duration_ms)
+        if self._keep_content and content:
+            key = self._ma_key.encode("latin-1", "replace")
+            kept = content.replace(key, b"[redacted]") if key else content
+            answer = dataclasses.replace(answer, content=kept)
         if answer.error is None:
             return answer
-        # Stored as-is in last_error: PostgreSQL refuses NUL, and an endpoint may echo the key.
-        cleaned = answer.error.replace("\x00", "")
+        return dataclasses.replace(answer, error=self.redact(answer.error))
+
+    def redact(self, text: str) -> str:
+        """Text fit for last_error: PostgreSQL refuses NUL, and an endpoint may echo the key."""
+        cleaned = text.replace("\x00", "")
         if self._ma_key:
             cleaned = cleaned.replace(self._ma_key, "[redacted]")
-        return dataclasses.replace(answer, error=cleaned)
+        return cleaned
 
     def cut_off(self, threads: set[int]) -> None:
         """Give up on the answers these threads are waiting for (their sends return at once)."""
@@ -111,10 +126,10 @@ class Deliverer:
         self._session.close()
 
 
-def _read_body(response: requests.Response) -> bytes:
-    """At most MAX_BODY_READ bytes of the body; the connection is kept only if that was all."""
+def _read_body(response: requests.Response, limit: int = MAX_BODY_READ) -> bytes:
+    """At most `limit` bytes of the body; the connection is kept only if that was all."""
     try:
-        return bytes(response.raw.read(MAX_BODY_READ, decode_content=True))
+        return bytes(response.raw.read(limit, decode_content=True))
     finally:
         response.close()  # a body read to its end has already gone back to the pool
 

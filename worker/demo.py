@@ -29,7 +29,6 @@ from worker.backends import backend_for
 from worker.backends.sql import seconds_from_now
 from worker.config import Settings, SettingsError
 from worker.daemon import Daemon
-from worker.delivery import Deliverer
 from worker.policy import RetryBudget
 from worker.schema import metadata, outbox_attempts, outbox_daemons, outbox_events
 from worker.sink import Sink
@@ -40,7 +39,7 @@ DEMO_KEY = "outbox-demo:"  # the idempotency-key prefix of every row the demo wr
 _OUTBOX_TABLES = {*metadata.tables, db.VERSION_TABLE}
 
 
-def run_demo(database_url: str) -> int:
+def run_demo(database_url: str, transport: str = "tracker") -> int:
     url = db.normalize_url(database_url)
     _take_over(url)
     engine = db.create_engine(url)
@@ -70,19 +69,23 @@ def run_demo(database_url: str) -> int:
     )
 
     key = secrets.token_hex(16)  # a throwaway key shared by the sink and the daemon
-    with Sink(key, refuse_events=[REFUSED_EVENT]) as sink:
+    with Sink(key, refuse_events=[REFUSED_EVENT], transport=transport) as sink:
         settings = Settings(
             database_url=str(url),
             endpoint_url=sink.url,
+            transport=transport,
             ma_key=key,
+            api_key=key,
             budget=RetryBudget(backoff_base=0.2, backoff_max=1.0),
             concurrency=4,
             poll_interval=0.2,
             exit_when_drained=True,
         ).check()
-        deliverer = Deliverer(sink.url, key, pool_size=settings.concurrency)
-        code = Daemon(settings, OutboxStore(engine), deliverer).run()
-        print(f"3. delivered to the local sink at {sink.url}: it accepted {len(sink.received)}")
+        code = Daemon(settings, OutboxStore(engine)).run()
+        print(
+            f"3. delivered to the local sink at {sink.url} (transport {transport}): it accepted"
+            f" {len(sink.received)} in {sink.requests} requests"
+        )
 
     with engine.connect() as conn:
         rows = conn.execute(

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session
 
+from worker import v3event
 from worker.backends import all_backends, backend_for
 from worker.backends.sql import UTCDateTime, seconds_from_now
 from worker.event import MAX_BODY_BYTES, InvalidEvent, validate
@@ -30,12 +31,15 @@ def track_event(
     deliver_after: DeliverAfter = None,
     idempotency_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    transport: str = "tracker",
 ) -> int:
     """Record one event in the caller's open transaction and return its outbox id.
 
     Nothing is committed or flushed: the event exists if and only if the
     caller's transaction commits. A repeated idempotency_key inserts nothing
-    and returns the id of the row that has it.
+    and returns the id of the row that has it. `transport` ("v3", "v3-batch"):
+    also check the rules of the transport the daemon runs with, so an event it
+    could not carry is refused here rather than dead-lettered there.
     """
     row = prepare_row(
         {
@@ -47,6 +51,7 @@ def track_event(
             "idempotency_key": idempotency_key,
         },
         max_body_bytes,
+        transport,
     )
     return insert_rows(_connection(session), [row])[0]
 
@@ -56,6 +61,7 @@ def track_events(
     events: Iterable[Mapping[str, Any]],
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
+    transport: str = "tracker",
 ) -> list[int]:
     """Record many events in multi-row INSERTs; return their ids in the order given.
 
@@ -65,7 +71,7 @@ def track_events(
     rows = []
     for index, spec in enumerate(events):
         try:
-            rows.append(prepare_row(spec, max_body_bytes))
+            rows.append(prepare_row(spec, max_body_bytes, transport))
         except InvalidEvent as exc:
             raise InvalidEvent(exc.field, f"{exc.rule} (event #{index})") from None
     connection = _connection(session)  # a wrong argument fails even with no events
@@ -91,7 +97,9 @@ _FIELDS = frozenset(
 )
 
 
-def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+def prepare_row(
+    spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES, transport: str = "tracker"
+) -> dict[str, Any]:
     """Validate one event's arguments and return the row to insert, or raise InvalidEvent."""
     if not isinstance(spec, Mapping):
         raise InvalidEvent("event", f"must be a mapping of fields, not {type(spec).__name__}")
@@ -105,6 +113,7 @@ def prepare_row(spec: Mapping[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -
         spec.get("eventdata"),
         max_body_bytes=max_body_bytes,
     )
+    v3event.check(event, transport)
     key = _idempotency_key(spec.get("idempotency_key"))
     deliver_after = _deliver_after(spec.get("deliver_after"))
     # The database's clock, not this host's, says when "now" and "in 5 minutes" are.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tenacity
 
@@ -31,6 +31,10 @@ class Answer:
     duration_ms: int = 0
     retry_after: float | None = None  # seconds, from Retry-After or x-sib-ratelimit-reset
     rate_limit_exhausted: bool = False  # x-sib-ratelimit-remaining said 0
+    # One event's share of a batch answer, where the status code alone does not say
+    # it: a 207 or 400 that names this event's index (dead) or not (delivered).
+    verdict: Verdict | None = None
+    content: bytes = field(default=b"", repr=False)  # the body, kept for a batch's errors
 
 
 def classify(status_code: int | None) -> Verdict:
@@ -100,7 +104,7 @@ def decide(
     budget: RetryBudget,
 ) -> tuple[Verdict, Outcome]:
     """Turn one answer into the row's next state."""
-    verdict = classify(answer.status_code)
+    verdict = answer.verdict or classify(answer.status_code)
     code, error, ms = answer.status_code, answer.error, answer.duration_ms
     if verdict is Verdict.DELIVERED:
         return verdict, Outcome(Action.DELIVERED, code, None, duration_ms=ms)

@@ -1,8 +1,10 @@
 """The sender pool: threads that only do HTTP, fed jobs by the daemon's main thread.
 
-Each sender takes a job, waits for its turn at the send gate (the rate limit
-and any pause), posts it unless delivery is halted, and hands the answer back.
-`stop` makes every queued job come back unsent; `join` waits for the threads.
+Each sender takes a job (one request of the transport), and for every HTTP
+request it makes (a batch split in halves makes several) waits for its turn at
+the send gate (the rate limit and any pause), posts it unless delivery is
+halted, and hands the exchange back. `stop` makes every queued job come back
+unsent; `join` waits for the threads.
 """
 
 from __future__ import annotations
@@ -13,24 +15,23 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from worker.delivery import Deliverer, SendGate
+from worker.delivery import SendGate
 from worker.policy import Answer
-from worker.store import ClaimedEvent
+from worker.transport import Attempt, Exchange, Request, Transport
 
 log = logging.getLogger("worker.daemon")
 
 
 @dataclass(frozen=True)
 class Job:
-    event: ClaimedEvent
-    body: bytes
+    request: Request
     probe: bool = False  # sent even while halted, to find out whether the endpoint is back
 
 
 @dataclass(frozen=True)
 class Done:
     job: Job
-    answer: Answer | None  # None: not sent (halted or stopping before its turn)
+    exchange: Exchange  # an event's answer None: not sent (halted or stopping before its turn)
 
 
 _STOP = None  # one per thread, queued behind every job
@@ -40,14 +41,14 @@ class SenderPool:
     def __init__(
         self,
         size: int,
-        deliverer: Deliverer,
+        transport: Transport,
         gate: SendGate,
         *,
         may_send: Callable[[bool], bool],
         hold_others: Callable[[Answer], None],
         wake: threading.Event,
     ) -> None:
-        self.deliverer = deliverer
+        self.transport = transport
         self.gate = gate
         self.may_send = may_send  # (probe) -> whether to send it now
         self.hold_others = hold_others  # an answer that says "slow down" holds the gate at once
@@ -83,7 +84,7 @@ class SenderPool:
 
     def cut_off(self) -> None:
         """Give up on every answer still awaited: the senders return at once."""
-        self.deliverer.cut_off({t.ident for t in self._threads if t.ident is not None})
+        self.transport.cut_off({t.ident for t in self._threads if t.ident is not None})
 
     def join(self, timeout: float) -> bool:
         """Wait (bounded) for every sender to end; whether they all did."""
@@ -97,14 +98,32 @@ class SenderPool:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            answer: Answer | None = None
-            turn = not self._stopping.is_set() and self.gate.wait_turn(self._stopping)
-            if turn and not self._stopping.is_set() and self.may_send(job.probe):
-                try:
-                    answer = self.deliverer.post(job.body)
-                except Exception as exc:  # a sender thread must never die with a job
-                    log.exception("outbox id %d: unexpected error while sending", job.event.id)
-                    answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
-                self.hold_others(answer)
-            self._done.put(Done(job, answer))
+            attempt = self._attempt(job)
+            try:
+                exchange = self.transport.exchange(job.request, attempt)
+            except Exception as exc:  # a sender thread must never die with a job
+                log.exception(
+                    "outbox id %d: unexpected error while sending", job.request.events[0].id
+                )
+                failed = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
+                exchange = Exchange([], [(event, failed) for event in job.request.events])
+            self._done.put(Done(job, exchange))
             self._wake.set()
+
+    def _attempt(self, job: Job) -> Attempt:
+        def attempt(body: bytes) -> Answer | None:
+            if self._stopping.is_set() or not self.gate.wait_turn(self._stopping):
+                return None
+            if self._stopping.is_set() or not self.may_send(job.probe):
+                return None
+            try:
+                answer = self.transport.post(body)
+            except Exception as exc:  # a sender thread must never die with a job
+                log.exception(
+                    "outbox id %d: unexpected error while sending", job.request.events[0].id
+                )
+                answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
+            self.hold_others(answer)
+            return answer
+
+        return attempt

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 150, 200, 500, 1000)
 
 
 class Telemetry:
@@ -50,6 +51,25 @@ class Telemetry:
             "outbox_request_duration_seconds",
             "Time from sending a request to its answer.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "outbox_requests",
+            "HTTP requests answered, by transport and status code ('none': network).",
+            ["transport", "status_code"],
+            registry=r,
+        )
+        self.request_events = Histogram(
+            "outbox_request_events",
+            "Events carried per request (the batch size), by transport.",
+            ["transport"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "outbox_events_rejected",
+            "Events dead-lettered before any request: rows the transport cannot carry.",
+            ["transport"],
             registry=r,
         )
         self.claim_seconds = Histogram(
@@ -95,6 +115,12 @@ class Telemetry:
 
     def loop_turned(self) -> None:
         self._last_turn = time.monotonic()
+
+    def answered(self, transport: str, carried: int, answer: Any) -> None:
+        """One HTTP answer (a worker.policy.Answer) to a request carrying `carried` events."""
+        self.request_seconds.observe(answer.duration_ms / 1000)
+        self.requests.labels(transport, status_label(answer.status_code)).inc()
+        self.request_events.labels(transport).observe(carried)
 
     def database_answered(self, ok: bool) -> None:
         self._db_ok = ok
