@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import KEY, run_cli
 from tests.console_server import Browserless, ConsoleProcess
+from tests.test_cli import assert_one_line_error
 from tests.test_console import text_of
 from tests.test_store import add, make_dead, row
 from worker import db
@@ -21,11 +22,9 @@ PAGES = ("/", "/events", "/dead-letters", "/contacts/blocked")
 
 
 def one_line_error(result, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    line = assert_one_line_error(result, 2)
     for word in words:
-        assert word in lines[0]
+        assert word in line
 
 
 def test_a_host_that_is_not_loopback_without_a_token_exits_2(sqlite_url):
