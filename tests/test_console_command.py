@@ -93,7 +93,9 @@ def test_served_pages_never_hold_the_key_or_the_token_and_sigterm_exits_0(db_url
     assert row(engine, dead).status == "pending"
 
 
-def test_demo_then_console_requeue_one_and_see_it_pending_at_once(tmp_path):
+def test_demo_then_console_requeue_one_see_it_pending_at_once_then_delivered(
+    tmp_path, endpoint, spawn
+):
     url = f"sqlite:///{tmp_path / 'outbox-demo.db'}"
     demo = run_cli("demo", "--database-url", url, timeout=120)
     assert demo.returncode == 0, demo.stderr
@@ -115,6 +117,9 @@ def test_demo_then_console_requeue_one_and_see_it_pending_at_once(tmp_path):
         )
         _, page = browser.get(f"/events/{refused}")
         assert 'id="status">pending<' in page
+        daemon = spawn(url, endpoint.url, "--exit-when-drained")
+        assert daemon.wait(60) == 0, daemon.log()
+        assert 'id="status">delivered<' in browser.get(f"/events/{refused}")[1]
     finally:
         assert console.stop() == 0
 
