@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import KEY, run_cli
 from tests.console_server import Browserless, ConsoleProcess
+from tests.test_cli import assert_one_line_error
 from tests.test_console import text_of
 from tests.test_store import add, make_dead, row
 from worker import db
@@ -21,11 +22,9 @@ PAGES = ("/", "/events", "/dead-letters", "/contacts/blocked")
 
 
 def one_line_error(result, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    line = assert_one_line_error(result, 2)
     for word in words:
-        assert word in lines[0]
+        assert word in line
 
 
 def test_a_host_that_is_not_loopback_without_a_token_exits_2(sqlite_url):
@@ -94,7 +93,9 @@ def test_served_pages_never_hold_the_key_or_the_token_and_sigterm_exits_0(db_url
     assert row(engine, dead).status == "pending"
 
 
-def test_demo_then_console_requeue_one_and_see_it_pending_at_once(tmp_path):
+def test_demo_then_console_requeue_one_see_it_pending_at_once_then_delivered(
+    tmp_path, endpoint, spawn
+):
     url = f"sqlite:///{tmp_path / 'outbox-demo.db'}"
     demo = run_cli("demo", "--database-url", url, timeout=120)
     assert demo.returncode == 0, demo.stderr
@@ -116,6 +117,9 @@ def test_demo_then_console_requeue_one_and_see_it_pending_at_once(tmp_path):
         )
         _, page = browser.get(f"/events/{refused}")
         assert 'id="status">pending<' in page
+        daemon = spawn(url, endpoint.url, "--exit-when-drained")
+        assert daemon.wait(60) == 0, daemon.log()
+        assert 'id="status">delivered<' in browser.get(f"/events/{refused}")[1]
     finally:
         assert console.stop() == 0
 
