@@ -44,7 +44,7 @@ class Mode:
 
 MODES = [
     Mode("sqlite", "polling every 1 s (before)", polling_only=True),
-    Mode("sqlite", "data_version every 20 ms"),
+    Mode("sqlite", "data_version every 30 ms"),
     Mode("postgresql", "LISTEN/NOTIFY"),
 ]
 RATES = {"sqlite": (50, 200), "postgresql": (200, 1000)}
