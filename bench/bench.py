@@ -523,7 +523,7 @@ def main() -> None:
     args.transport_sizes = [20000] if args.quick else [20000, 100000]
     args.enqueue_tx = 500 if args.quick else 3000
     args.latency_seconds = 3 if args.quick else 10
-    args.idle_seconds = 5 if args.quick else 20
+    args.idle_seconds = 20
     args.full_events = 5000 if args.quick else 20000
     args.history_rows = 100_000 if args.quick else 1_000_000
     args.rss_seconds = 5 if args.quick else 20

@@ -44,7 +44,7 @@ class Mode:
 
 MODES = [
     Mode("sqlite", "polling every 1 s (before)", polling_only=True),
-    Mode("sqlite", "data_version every 20 ms"),
+    Mode("sqlite", "data_version every 30 ms"),
     Mode("postgresql", "LISTEN/NOTIFY"),
 ]
 RATES = {"sqlite": (50, 200), "postgresql": (200, 1000)}
@@ -109,6 +109,21 @@ def delivered_at(url: str, expected: int, timeout: float = 60.0) -> dict[int, fl
         engine.dispose()
 
 
+def _states(url: str, committed: list[tuple[int, float]], delivered: dict[int, float]) -> str:
+    """What the rows not delivered in time are doing, to say why."""
+    missing = [i for i, _ in committed if i not in delivered]
+    engine = db.create_engine(url)
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(
+                outbox_events.c.id, outbox_events.c.status, outbox_events.c.attempts,
+                outbox_events.c.last_error,
+            ).where(outbox_events.c.id.in_(missing[:5]))
+        ).all()  # fmt: skip
+    engine.dispose()
+    return "; ".join(f"id {r.id} {r.status}, {r.attempts} attempts, {r.last_error}" for r in found)
+
+
 def _percentile(values: list[float], share: float) -> float:
     return values[max(0, int(len(values) * share) - 1)]
 
@@ -137,7 +152,9 @@ def latency(
             daemon.stop()
             lat = sorted((delivered[i] - t) * 1000 for i, t in committed if i in delivered)
             missing = len(committed) - len(lat)
-            note = f" ({missing} undelivered)" if missing else ""
+            note = (
+                f" ({missing} undelivered: {_states(url, committed, delivered)})" if missing else ""
+            )
             print(
                 f"| {mode.backend} | {mode.wakeup} | {rate} | {_percentile(lat, 0.5):.1f}"
                 f" | {_percentile(lat, 0.99):.1f} | {lat[-1]:.1f}{note} | {cpu_ms:.2f} |",
