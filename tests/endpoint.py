@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,9 +44,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class Endpoint:
-    def __init__(self) -> None:
+    def __init__(self, limit_per_second: int | None = None) -> None:
         self.requests: list[Received] = []
         self.default = Reply()
+        # Like an account's limit: a request above N in the sliding second that ends
+        # with it is answered 429 (every request counts, refused or not).
+        self.limit_per_second = limit_per_second
+        self.refused: list[Received] = []  # answered 429 by that limit
+        # A reply chosen per request (e.g. one daemon's), tried before the scripts.
+        self.rule: Callable[[Received], Reply | None] = lambda received: None
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -73,12 +80,26 @@ class Endpoint:
     def _reply_for(self, received: Received) -> Reply:
         with self._lock:
             self.requests.append(received)
+            if self.limit_per_second is not None and self._over_limit(received.at):
+                self.refused.append(received)
+                return Reply(429, b'{"code":"too_many_requests"}', {"Retry-After": "1"})
+            ruled = self.rule(received)
+            if ruled is not None:
+                return ruled
             try:
                 name = json.loads(received.raw).get("event")
             except ValueError:
                 name = None
             queue = self._scripts.get(name)
             return queue.popleft() if queue else self.default
+
+    def _over_limit(self, at: float) -> bool:
+        seen = 0
+        for earlier in reversed(self.requests):
+            if earlier.at <= at - 1.0:
+                break
+            seen += 1
+        return seen > (self.limit_per_second or 0)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         endpoint = self

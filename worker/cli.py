@@ -42,6 +42,7 @@ from worker.config import (
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
+from worker.ratelimit import PRESETS, InvalidRateLimit, RateLimit, parse_rate_limit
 from worker.when import InvalidTime, parse_duration, parse_when
 
 EXIT_FAILURE = 1
@@ -169,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.concurrency,
         settings.batch_size,
         settings.lease,
-        f"{settings.rate_limit:g}/s" if settings.rate_limit else "none",
+        _rate_limit_text(daemon),
     )
     return daemon.run()
 
@@ -510,6 +511,21 @@ def _finite(text: str) -> float:
     return value
 
 
+def _rate_limit(text: str) -> RateLimit:
+    try:
+        return parse_rate_limit(text)
+    except InvalidRateLimit as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate_limit_text(daemon: Any) -> str:
+    limit = daemon.gate.limit
+    if not limit:
+        return "none"
+    shared = getattr(daemon.gate.source, "shared", False)
+    return f"{limit.describe()}, {'shared by every daemon on the database' if shared else 'this daemon'}"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -612,9 +628,11 @@ def _parser() -> argparse.ArgumentParser:
     _option(
         run,
         "--rate-limit",
-        "requests per second across this daemon's senders, 0 for none",
-        defaults.rate_limit,
-        _finite,
+        "the account's limit, shared by every daemon on a PostgreSQL database: requests per"
+        " second, windows such as 10/s,36000/h (N/s, N/min, N/h), or a preset: "
+        + ", ".join(PRESETS),
+        "none",
+        _rate_limit,
     )
     _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
     _option(

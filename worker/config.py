@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from worker.event import MAX_BODY_BYTES
 from worker.policy import RetryBudget
+from worker.ratelimit import NO_LIMIT, InvalidRateLimit, RateLimit, as_rate_limit
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 DEFAULT_ENDPOINT_URL = "https://in-automate.brevo.com/api/v2/trackEvent"
@@ -36,7 +37,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "--lease": (1, 86400),  # renewed every third of it: it must outlast a slow statement
     "--timeout": (0.1, 3600),
     "--shutdown-timeout": (0, 3600),
-    "--rate-limit": (0, 10000),  # 0 is no limit
     "--backoff-base": (0.01, 86400),
     "--backoff-max": (0.01, 7 * 86400),
     "--metrics-port": (1, 65535),
@@ -82,7 +82,9 @@ class Settings:
     batch_size: int = 100
     poll_interval: float = 1.0  # seconds between polls when no wake-up comes
     lease: float = 60.0  # seconds a claim lasts before another daemon may take it back
-    rate_limit: float = 0.0  # requests per second across all threads; 0 is unlimited
+    # Every daemon's requests together (on PostgreSQL; this daemon's on SQLite). A
+    # number is requests per second; text is --rate-limit's syntax (worker.ratelimit).
+    rate_limit: RateLimit = NO_LIMIT
     timeout: float = 10.0  # seconds to wait for an answer
     shutdown_timeout: float = 10.0
     halt_probe_interval: float = 30.0  # seconds between probes while delivery is halted
@@ -96,6 +98,12 @@ class Settings:
     allow_insecure_endpoint: bool = False
     metrics_port: int | None = None  # None: no metrics server
     metrics_host: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rate_limit", as_rate_limit(self.rate_limit))
+        except InvalidRateLimit as exc:
+            raise SettingsError(f"--rate-limit (env OUTBOX_RATE_LIMIT): {exc}") from None
 
     def database_patience(self) -> float | None:
         """How long the daemon waits out a database that does not answer (None: for ever)."""
@@ -115,7 +123,6 @@ class Settings:
             "--lease": self.lease,
             "--timeout": self.timeout,
             "--shutdown-timeout": self.shutdown_timeout,
-            "--rate-limit": self.rate_limit,
             "--max-attempts": self.budget.max_attempts,
             "--backoff-base": self.budget.backoff_base,
             "--backoff-max": self.budget.backoff_max,

@@ -28,16 +28,18 @@ from typing import TypeVar
 import sqlalchemy as sa
 import tenacity
 
-from worker.breaker import Breaker
+from worker.breaker import Breaker, pause_reason
 from worker.completer import Completer
 from worker.config import Settings
 from worker.db import is_transient, require_current_schema
-from worker.delivery import Deliverer, SendGate
+from worker.delivery import Deliverer
 from worker.event import InvalidEvent, from_stored
+from worker.gate import SendGate, SlotSource
 from worker.maintenance import Maintenance
 from worker.output import first_line
 from worker.policy import Action, Answer, Outcome, Verdict, decide, pause_for
 from worker.senders import Job, SenderPool
+from worker.shared_limit import SharedSlots
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
 from worker.wakeup import Listener
@@ -66,10 +68,10 @@ class Daemon:
         self.store = store
         self.deliverer = deliverer
         self.telemetry = telemetry or Telemetry()
-        self.gate = SendGate(s.rate_limit)
+        self._identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.gate = SendGate(s.rate_limit, self._slot_source(store), telemetry=self.telemetry)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Listener | None = None
         self._maintenance: Maintenance | None = None
@@ -90,11 +92,14 @@ class Daemon:
             hold_others=self._hold_others,
             wake=self._wake,
         )
+        self.gate.backlog = self.senders.queued
         # Beyond a request per sender, the rows that may wait for their turn: about
         # a second's worth under a rate limit, else one batch. Held rows' leases are
         # renewed, so waiting longer costs nothing but holding them from others.
         self._lookahead = (
-            min(s.batch_size, max(1, math.ceil(s.rate_limit))) if s.rate_limit else s.batch_size
+            min(s.batch_size, max(1, math.ceil(s.rate_limit.per_second)))
+            if s.rate_limit
+            else s.batch_size
         )
         self._patience = self._patience_policy()
 
@@ -140,7 +145,9 @@ class Daemon:
         self._maintenance = maintenance
         self.senders.start()
         if self.store.dialect == "postgresql":
-            self._listener = Listener(self.store.engine.url, self._wake)
+            self._listener = Listener(
+                self.store.engine.url, self._wake, on_pause=self._hear_shared_pause
+            )
             self._listener.start()
         try:
             return self._loop()
@@ -154,6 +161,16 @@ class Daemon:
                 self._listener.join(timeout=5.0)
             with contextlib.suppress(sa.exc.DBAPIError):
                 self.store.forget_daemon(self._identity)
+
+    def _slot_source(self, store: OutboxStore) -> SlotSource | None:
+        """On PostgreSQL every daemon on the database shares the limit; SQLite has one daemon."""
+        if store.dialect == "postgresql" and self.settings.rate_limit:
+            return SharedSlots(store.engine, self._identity)
+        return None
+
+    def _hear_shared_pause(self) -> None:
+        if isinstance(self.gate.source, SharedSlots):
+            self.gate.heard_of_pause(self.gate.source.read_pause())
 
     # -- the loop --------------------------------------------------------------
 
@@ -244,7 +261,7 @@ class Daemon:
         once, before the next queued request goes out (the breaker sets the full pause)."""
         pause = pause_for(answer, self.settings.budget, 1)
         if pause is not None:
-            self.gate.pause(pause)
+            self.gate.pause(pause, pause_reason(answer))
 
     def _collect(self) -> None:
         """Turn every answer that came back into an outcome to write."""

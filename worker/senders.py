@@ -67,6 +67,10 @@ class SenderPool:
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
+    def queued(self) -> int:
+        """Jobs waiting for a free sender."""
+        return self._jobs.qsize()
+
     def answers(self) -> Iterator[Done]:
         """Every answer that came back since the last call."""
         while True:

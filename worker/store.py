@@ -30,6 +30,7 @@ from worker.schema import (
     seconds_from_now,
     utcnow,
 )
+from worker.shared_limit import shared_state
 
 e = outbox_events
 
@@ -85,6 +86,8 @@ class Stats:
     delivered_last_minute: int
     dead_by_status_code: dict[str, int]
     daemons: list[DaemonSeen]
+    # The limit shared through the database (worker.shared_limit), once a daemon used it.
+    rate_limit: dict[str, Any] | None = None
 
     @property
     def halted(self) -> list[DaemonSeen]:
@@ -102,6 +105,7 @@ class Stats:
             "oldest_due_age_s": self.oldest_due_age_s,
             "delivered_last_minute": self.delivered_last_minute,
             "dead_by_status_code": self.dead_by_status_code,
+            "rate_limit": self.rate_limit,
         }
 
 
@@ -405,6 +409,7 @@ class OutboxStore:
                 .where(outbox_daemons.c.seen_at >= seconds_from_now(-DAEMON_SILENCE))
                 .order_by(outbox_daemons.c.name)
             ).all()
+            shared = shared_state(conn)
         return Stats(
             counts=counts,
             due=due_count,
@@ -424,6 +429,7 @@ class OutboxStore:
                 )
                 for d in daemons
             ],
+            rate_limit=shared,
         )
 
     def prune(

@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 import sqlalchemy as sa
 
 CHANNEL = "outbox_events"
+# The payload a daemon sends on the channel when it pauses every daemon
+# (worker.shared_limit): the listeners read the pause at once.
+PAUSE_NOTICE = "rate-limit-pause"
 _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 log = logging.getLogger("worker.wakeup")
 
@@ -22,10 +26,17 @@ log = logging.getLogger("worker.wakeup")
 class Listener:
     """Sets `wake` whenever the outbox channel is notified."""
 
-    def __init__(self, url: sa.URL, wake: threading.Event, check_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: sa.URL,
+        wake: threading.Event,
+        check_interval: float = 5.0,
+        on_pause: Callable[[], None] = lambda: None,
+    ) -> None:
         # libpq takes the same URL without SQLAlchemy's driver suffix.
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._wake = wake
+        self._on_pause = on_pause  # another daemon shared a pause
         self._check_interval = check_interval
         self._stopping = threading.Event()
         self.listening = threading.Event()
@@ -50,6 +61,12 @@ class Listener:
             other.execute("SELECT pg_notify(%s, 'listener check')", (CHANNEL,))
         return any(True for _ in conn.notifies(timeout=2.0, stop_after=1))
 
+    def _hear_pause(self) -> None:
+        try:
+            self._on_pause()
+        except Exception as exc:  # the next grant brings the pause anyway
+            log.warning("could not read the shared pause: %s", str(exc).strip()[:200])
+
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
@@ -73,8 +90,11 @@ class Listener:
                     checked = time.monotonic()
                     while not self._stopping.is_set():
                         # Short slices, so that stop() is seen within one.
-                        for _ in conn.notifies(timeout=_STOP_SLICE):
-                            self._wake.set()
+                        for notice in conn.notifies(timeout=_STOP_SLICE):
+                            if notice.payload == PAUSE_NOTICE:
+                                self._hear_pause()
+                            else:
+                                self._wake.set()
                         if time.monotonic() - checked >= self._check_interval:
                             # Prove the connection is alive, so that a silently dead
                             # listener is found within one check interval.
