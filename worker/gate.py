@@ -33,7 +33,8 @@ log = logging.getLogger("worker.daemon")
 # shorter ones are the ordinary give-and-take of a rate limit.
 LONG_PAUSE = 5.0
 _CANCEL_SLICE = 0.1  # seconds: how soon a waiting thread sees `cancel`
-_FETCH_RETRY = 1.0  # seconds before asking again when the database did not answer
+_FETCH_RETRY = 1.0
+_A_SECOND = dt.timedelta(seconds=1)  # seconds before asking again when the database did not answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,8 @@ class SendGate:
             if grant.paused_for >= LONG_PAUSE:
                 self._shared_long_until = end
                 self.telemetry.set_paused_until(end)
-            if self._announced is None or end > self._announced + dt.timedelta(seconds=1):
+            mine = grant.paused_by == getattr(self.source, "name", None)  # logged when set
+            if not mine and (self._announced is None or end > self._announced + _A_SECOND):
                 self._announced = end
                 log.info(
                     "honouring the shared pause until %s (set by %s: %s)",

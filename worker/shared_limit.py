@@ -91,7 +91,7 @@ class SharedSlots:
     def __init__(self, engine: sa.Engine, name: str, bucket: str = BUCKET) -> None:
         # Autocommit: one round trip per statement, no BEGIN and COMMIT around it.
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._name = name  # this daemon, host:pid, for "paused by"
+        self.name = name  # this daemon, host:pid, for "paused by"
         self._bucket = bucket
 
     def grant(self, count: int, interval: float, limit: str = "") -> Grant:
@@ -104,7 +104,7 @@ class SharedSlots:
         params = {
             "bucket": self._bucket,
             "seconds": min(seconds, MAX_PAUSE),
-            "by": self._name,
+            "by": self.name,
             "reason": reason,
             "channel": CHANNEL,
             "notice": PAUSE_NOTICE,
