@@ -5,6 +5,7 @@ daemons themselves are in test_shared_rate_limit.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -284,3 +285,21 @@ def test_the_daemon_counts_429s_slots_and_shows_the_shared_pause_in_metrics(pg_u
     assert value("outbox_rate_limit_grants_total") >= 1
     assert value("outbox_rate_limit_shared_pause_until_seconds") > time.time() - 60
     engine.dispose()
+
+
+class SlowSlots(LocalSlots):
+    """A source that answers 80 ms after reading its clock: more than the slack."""
+
+    def grant(self, count: int, interval: float, limit: str = "") -> Grant:
+        granted = super().grant(count, interval, limit)
+        time.sleep(0.08)
+        return dataclasses.replace(granted, start_in=granted.start_in - 0.08)
+
+
+def test_a_source_slower_than_the_slack_widens_the_spacing_rather_than_crowd_a_window(caplog):
+    gate = SendGate("20/s", SlowSlots())
+    with caplog.at_level(logging.WARNING, "worker.daemon"):
+        times = pass_times([gate], threads=4, turns=20)
+    assert len(times) == 20  # still sends
+    assert most_in(times, 1.0) <= 20
+    assert len([r for r in caplog.records if "answered in" in r.getMessage()]) == 1

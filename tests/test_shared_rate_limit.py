@@ -184,4 +184,3 @@ def test_a_daemon_killed_holding_slots_neither_lets_others_exceed_nor_starves_th
     gaps = [b - a for a, b in itertools.pairwise(t for t in after if t < killed_at + 3.0)]
     lifetime = CHUNK * parse_rate_limit(f"{N}/s").interval
     assert max(gaps) < lifetime + 0.5, (max(gaps), lifetime)
-

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from worker.policy import MAX_PAUSE
-from worker.ratelimit import NO_LIMIT, SEND_SLACK, RateLimit, as_rate_limit
+from worker.ratelimit import MAX_SLACK, NO_LIMIT, SEND_SLACK, RateLimit, as_rate_limit
 from worker.telemetry import Telemetry
 
 log = logging.getLogger("worker.daemon")
@@ -49,6 +49,8 @@ class Grant:
 
 
 class SlotSource(Protocol):
+    shared: bool  # every daemon on the database draws from it
+
     def grant(self, count: int, interval: float, limit: str) -> Grant: ...
 
     def publish_pause(self, seconds: float, reason: str) -> None: ...
@@ -87,11 +89,13 @@ class SendGate:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limit = as_rate_limit(limit)
+        self._slack = SEND_SLACK  # grows while the source answers slowly (see _fetch)
         self._interval = self.limit.interval
         self._clock = clock
         self.source: SlotSource = source or LocalSlots(clock)
         self.telemetry = telemetry or Telemetry()
-        self._slots: collections.deque[float] = collections.deque()  # clock times, unused
+        # Unused slots: (from, by), clock times between which each may be used.
+        self._slots: collections.deque[tuple[float, float]] = collections.deque()
         self._fetching = False
         self._fetch_after = -math.inf  # after a database error
         self._paused_until = -math.inf
@@ -119,10 +123,6 @@ class SendGate:
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
 
-    def paused_until_wall(self) -> dt.datetime | None:
-        """When the pause in effect ends, by the wall clock (None: not paused)."""
-        return self._paused_until_wall if self.paused_for() > 0 else None
-
     def shared_long_pause_until(self) -> dt.datetime | None:
         """The end of a long pause another daemon shared, while it lasts (for stats)."""
         if self._shared_long_until is None or self.paused_for() <= 0:
@@ -141,7 +141,7 @@ class SendGate:
             self._paused_until_wall = _utcnow() + dt.timedelta(seconds=seconds)
             # Slots inside the pause are void: nobody may send then.
             dropped = 0
-            while self._slots and self._slots[0] < until:
+            while self._slots and self._slots[0][0] < until:
                 self._slots.popleft()
                 dropped += 1
             self.telemetry.tokens_unused.inc(dropped)
@@ -208,7 +208,7 @@ class SendGate:
                 return True
             self._drop_stale(now)
             if self._slots:
-                wait = self._slots[0] - now
+                wait = self._slots[0][0] - now
                 if wait <= 0:
                     self._slots.popleft()
                     return True
@@ -219,9 +219,30 @@ class SendGate:
                 self._fetch()
         return False
 
+    def _adapt_slack(self, answered_in: float) -> None:
+        """A source slower to answer than the slack would void every chunk: space the
+        slots for that answer time instead (less throughput, the limit still held),
+        and come back down as it speeds up again."""
+        if answered_in >= self._slack:
+            slack = min(MAX_SLACK, 1.5 * answered_in)
+            if self._slack == SEND_SLACK:
+                log.warning(
+                    "the rate limit's table answered in %.0f ms: spacing sends for %.0f ms"
+                    " of slack (at most %.1f requests/s) until it answers faster",
+                    answered_in * 1000,
+                    slack * 1000,
+                    1 / self.limit.interval_with(slack),
+                )
+        elif answered_in < self._slack / 3:
+            slack = max(SEND_SLACK, self._slack * 0.9)
+        else:
+            return
+        self._slack = slack
+        self._interval = self.limit.interval_with(slack)
+
     def _drop_stale(self, now: float) -> None:
         dropped = 0
-        while self._slots and self._slots[0] + SEND_SLACK < now:
+        while self._slots and self._slots[0][1] < now:
             self._slots.popleft()
             dropped += 1
         if dropped:
@@ -231,6 +252,7 @@ class SendGate:
         """Ask the source for a chunk, without holding the lock (it may be a database)."""
         self._fetching = True
         self._cond.release()
+        asked = self._clock()
         try:
             wanted = max(1, min(self.limit.chunk, self._waiting + self.backlog()))
             grant: Grant | None = self.source.grant(wanted, self._interval, self.limit.describe())
@@ -251,8 +273,17 @@ class SendGate:
             return
         self.telemetry.token_grants.inc()
         self.telemetry.tokens_granted.inc(grant.count)
-        first = received + grant.start_in
-        self._slots.extend(first + i * self._interval for i in range(grant.count))
+        # The source read its clock somewhere between asking and receiving: a slot is
+        # used no sooner than the latest reading allows and no later than the slack
+        # after the earliest, so a slow answer costs slots, never the spacing.
+        slack = self._slack
+        for i in range(grant.count):
+            at = grant.start_in + i * self._interval
+            if received + at < asked + at + slack:
+                self._slots.append((received + at, asked + at + slack))
+            else:
+                self.telemetry.tokens_unused.inc()
+        self._adapt_slack(received - asked)
         if grant.paused_for > 0:
             self._cond.release()
             try:

@@ -29,6 +29,7 @@ MAX_PER_SECOND = 10_000.0  # beyond this the daemon cannot send anyway
 # request, the network). Slots are spaced for windows this much longer, so that
 # a late send never squeezes N+1 requests into one window.
 SEND_SLACK = 0.05
+MAX_SLACK = 1.0  # what the slack grows to at most while the database answers slowly
 # A chunk of slots granted at once lasts about this long (seconds): it bounds
 # what a daemon killed while holding one wastes, and how long a daemon that has
 # not heard of a shared pause yet may go on sending.
@@ -66,9 +67,13 @@ class RateLimit:
     @property
     def interval(self) -> float:
         """Seconds between two sends: the strictest window's spacing, with the slack."""
+        return self.interval_with(SEND_SLACK)
+
+    def interval_with(self, slack: float) -> float:
+        """The spacing that holds every window when a send may come `slack` s late."""
         if not self.windows:
             return 0.0
-        return max((w.seconds + SEND_SLACK) / w.requests for w in self.windows)
+        return max((w.seconds + slack) / w.requests for w in self.windows)
 
     @property
     def per_second(self) -> float:

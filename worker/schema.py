@@ -228,7 +228,8 @@ def dialect_insert(dialect_name: str) -> Any:
 
 # The account's rate limit, shared by every daemon on PostgreSQL (worker.shared_limit):
 # one row, the next free send slot on one timeline for all of them, and the pause
-# an answer asked for. Chunks of slots are granted in one statement each.
+# an answer asked for. Chunks of slots are granted in one statement each. UNLOGGED
+# on PostgreSQL (migration 0005): nothing in it outlives a crash's worth of seconds.
 outbox_rate_limit = sa.Table(
     "outbox_rate_limit",
     metadata,
