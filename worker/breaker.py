@@ -148,10 +148,12 @@ class Breaker:
         until = now + self.paused_for()
         if seconds < LONG_PAUSE:
             if answer.status_code == 429:
+                end = self._wall() + dt.timedelta(seconds=seconds)
                 log.warning(
-                    "endpoint says 429 (outbox id %d): pausing all sends for %.1fs",
+                    "endpoint says 429 (outbox id %d): pausing all sends for %.1fs (until %s)",
                     event_id,
                     seconds,
+                    end.isoformat(timespec="milliseconds"),
                 )
             return
         if until <= self._announced_until + 1.0:

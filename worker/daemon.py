@@ -1,10 +1,13 @@
 """The delivery loop: wake, claim what can go out soon, record, shut down cleanly.
 
-One main thread owns the database; the sender pool's threads only do HTTP.
-No database transaction is ever open while a request is on the wire. The
-daemon wires three components and runs the loop:
+One main thread owns the outbox rows; the sender pool's threads do HTTP, and
+on PostgreSQL take their send slots from the shared rate limit (one
+autocommitted statement per chunk, worker.shared_limit). No database
+transaction is ever open while a request is on the wire. The daemon wires
+three components and runs the loop:
 
-- the sender pool (worker.senders): threads, the job queue, the send gate;
+- the sender pool (worker.senders): threads, the job queue, the send gate
+  (worker.gate: the rate limit, and pauses shared by every daemon);
 - the breaker (worker.breaker): halts and probes, slow start, pauses;
 - the completer (worker.completer): the rows held, keyed by claim, their
   lease renewal, and the outcome buffer.

@@ -113,7 +113,7 @@ class SendGate:
 
     def pause(self, seconds: float, reason: str = "paused") -> None:
         """Hold every sender for `seconds`; on a shared source, every daemon too."""
-        if self._hold(seconds) and getattr(self.source, "shared", False):
+        if self._hold(seconds) and self.source.shared:
             self._show_shared()
             try:
                 self.source.publish_pause(seconds, reason)
