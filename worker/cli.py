@@ -289,7 +289,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
         lease=args.lease,
-        rate_limit=args.rate_limit,
+        rate_limit=_rate_limit(args.rate_limit),
         timeout=args.timeout,
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
@@ -512,10 +512,11 @@ def _finite(text: str) -> float:
 
 
 def _rate_limit(text: str) -> RateLimit:
+    """Read by Settings, not argparse: a bad value is one line, not a usage block."""
     try:
         return parse_rate_limit(text)
     except InvalidRateLimit as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise SettingsError(f"--rate-limit (env OUTBOX_RATE_LIMIT): {exc}") from None
 
 
 def _rate_limit_text(daemon: Any) -> str:
@@ -632,7 +633,6 @@ def _parser() -> argparse.ArgumentParser:
         " second, windows such as 10/s,36000/h (N/s, N/min, N/h), or a preset: "
         + ", ".join(PRESETS),
         "none",
-        _rate_limit,
     )
     _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
     _option(
