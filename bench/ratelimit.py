@@ -8,8 +8,8 @@ Each run starts its own database and daemons (`python -m worker run
 --rate-limit N/s`, subprocesses) against the test endpoint (tests/endpoint.py),
 which answers 429 to any request above N in the sliding second that ends with
 it. With a backlog all along, it prints per run: requests sent / allowed over
-the measured seconds (the limit's spacing caps it at 1/(1 + 0.05 N) of N: the
-50 ms slack per window), the 429s, the database statements the rate limit took
+the measured seconds (the limit's spacing caps it at 1/1.05, 95.2%, for N/s:
+the 50 ms slack per window), the 429s, the database statements the rate limit took
 per request granted (its chunks, from the table), and all the database's
 transactions per request (claims, records, heartbeats too: for scale).
 """

@@ -162,16 +162,15 @@ class SendGate:
                 self._announced = end
                 log.info(
                     "honouring the shared pause until %s (set by %s: %s)",
-                    end.isoformat(),
+                    end.isoformat(timespec="milliseconds"),
                     grant.paused_by or "another daemon",
                     grant.pause_reason or "rate limit",
                 )
 
     def _show_shared(self) -> dt.datetime:
         assert self._paused_until_wall is not None
-        end = self._paused_until_wall.replace(microsecond=0)
         self.telemetry.shared_paused_until.set(self._paused_until_wall.timestamp())
-        return end
+        return self._paused_until_wall
 
     # -- turns -------------------------------------------------------------------------
 
