@@ -3,7 +3,8 @@
 Answers 204 by default; `script(event_name, *answers)` queues the answers
 that the next requests for that event get, in order (a v3 batch request takes
 the script of the first of its events that has one); `respond`, when set,
-decides any request first (a soak's mix of slow answers and 429s). Every
+decides any request first (a soak's mix of slow answers and 429s), after
+`limit_per_second`, which answers 429 above N requests in any sliding second. Every
 request is kept, with the status it was answered. It takes every transport's
 bodies: the tracker's, a v3 event, a v3 batch (either shape).
 """
@@ -78,10 +79,14 @@ class _Server(ThreadingHTTPServer):
 
 
 class Endpoint:
-    def __init__(self) -> None:
+    def __init__(self, limit_per_second: int | None = None) -> None:
         self.requests: list[Received] = []
         self.default = Reply()
         self.respond: Callable[[Received], Reply | None] | None = None
+        # Like an account's limit: a request above N in the sliding second that ends
+        # with it is answered 429 (every request counts, refused or not).
+        self.limit_per_second = limit_per_second
+        self.refused: list[Received] = []  # answered 429 by that limit
         self._scripts: dict[str, deque[Reply]] = defaultdict(deque)
         self._lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
@@ -123,6 +128,9 @@ class Endpoint:
             return reply
 
     def _choose(self, received: Received) -> Reply:
+        if self.limit_per_second is not None and self._over_limit(received.at):
+            self.refused.append(received)
+            return Reply(429, b'{"code":"too_many_requests"}', {"Retry-After": "1"})
         if self.respond is not None:
             reply = self.respond(received)
             if reply is not None:
@@ -136,6 +144,14 @@ class Endpoint:
             if queue:
                 return queue.popleft()
         return self.default
+
+    def _over_limit(self, at: float) -> bool:
+        seen = 0
+        for earlier in reversed(self.requests):
+            if earlier.at <= at - 1.0:
+                break
+            seen += 1
+        return seen > (self.limit_per_second or 0)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         endpoint = self

@@ -20,8 +20,9 @@ import pytest
 
 from tests.conftest import KEY
 from tests.endpoint import Endpoint, Reply
-from worker.delivery import MAX_ERROR_CHARS, Deliverer, SendGate
+from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.event import validate
+from worker.gate import SendGate
 from worker.policy import Answer
 
 

@@ -64,12 +64,18 @@ def same_rows(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> bool:
     )
 
 
+_TABLES_AT_0002 = "('outbox_events', 'outbox_attempts', 'outbox_dead_letters', 'outbox_daemons')"
+
+
 def index_names(engine: sa.Engine) -> set[str]:
+    """The indexes of the tables 0002 already has (later revisions add tables of their own)."""
     # From the catalogue: SQLAlchemy cannot reflect SQLite's expression index.
     if engine.dialect.name == "postgresql":
-        sql = "SELECT indexname FROM pg_indexes WHERE tablename LIKE 'outbox%'"
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename IN " + _TABLES_AT_0002
     else:
-        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'outbox%'"
+        sql = (
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN " + _TABLES_AT_0002
+        )
     return {name for (name,) in rows(engine, sql)}
 
 

@@ -21,15 +21,12 @@ import math
 import time
 from collections.abc import Callable
 
-from worker.delivery import SendGate
+from worker.gate import LONG_PAUSE, SendGate
 from worker.policy import Answer, RetryBudget, Verdict, pause_for
 from worker.telemetry import Telemetry, status_label
 
 log = logging.getLogger("worker.daemon")
 
-# A pause at least this long (seconds) is announced once and shown to operators;
-# shorter ones are the ordinary give-and-take of a rate limit.
-LONG_PAUSE = 5.0
 
 _HINTS = {
     401: "the key was refused: check {key}",
@@ -95,7 +92,7 @@ class Breaker:
     def paused_until(self) -> dt.datetime | None:
         """The end of the pause in effect, if it is a long one (for stats)."""
         if self._paused_until_wall is None or self.paused_for() <= 0:
-            return None
+            return self.gate.shared_long_pause_until()
         return self._paused_until_wall
 
     def next_change_in(self) -> float:
@@ -120,6 +117,8 @@ class Breaker:
                 self.on_change()
             if not self.halted:
                 self._opened = True
+        if answer.status_code == 429:
+            self.telemetry.throttled.inc()
         self._throttle_streak = self._throttle_streak + 1 if verdict is Verdict.THROTTLE else 0
         pause = pause_for(answer, self.budget, max(1, self._throttle_streak))
         if pause is None:
@@ -145,16 +144,18 @@ class Breaker:
         self.on_change()
 
     def _pause(self, seconds: float, answer: Answer, event_id: int) -> None:
-        self.gate.pause(seconds)
+        why = "429" if answer.status_code == 429 else "rate limit used up"
+        self.gate.pause(seconds, pause_reason(answer, event_id))
         now = self._clock()
         until = now + self.paused_for()
-        why = "429" if answer.status_code == 429 else "rate limit used up"
         if seconds < LONG_PAUSE:
             if answer.status_code == 429:
+                end = self._wall() + dt.timedelta(seconds=seconds)
                 log.warning(
-                    "endpoint says 429 (outbox id %d): pausing all sends for %.1fs",
+                    "endpoint says 429 (outbox id %d): pausing all sends for %.1fs (until %s)",
                     event_id,
                     seconds,
+                    end.isoformat(timespec="milliseconds"),
                 )
             return
         if until <= self._announced_until + 1.0:
@@ -171,3 +172,11 @@ class Breaker:
             event_id,
             f"{answer.retry_after:g}s" if answer.retry_after is not None else "a backoff",
         )
+
+
+def pause_reason(answer: Answer, event_id: int | None = None) -> str:
+    """Why every sender pauses, as stats shows it: '429 asking for 2s, to outbox id 7'."""
+    why = "429" if answer.status_code == 429 else f"{answer.status_code}, rate limit used up"
+    if answer.retry_after is not None:
+        why += f" asking for {answer.retry_after:g}s"
+    return why if event_id is None else f"{why}, to outbox id {event_id}"

@@ -44,6 +44,7 @@ from worker.config import (
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
+from worker.ratelimit import PRESETS, InvalidRateLimit, RateLimit, parse_rate_limit
 from worker.when import InvalidTime, parse_duration, parse_when
 
 EXIT_FAILURE = 1
@@ -175,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.concurrency,
         settings.batch_size,
         settings.lease,
-        f"{settings.rate_limit:g}/s" if settings.rate_limit else "none",
+        _rate_limit_text(daemon),
     )
     try:
         return daemon.run()
@@ -329,7 +330,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
         lease=args.lease,
-        rate_limit=args.rate_limit,
+        rate_limit=_rate_limit(args.rate_limit),
         timeout=args.timeout,
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
@@ -578,6 +579,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def _rate_limit(text: str) -> RateLimit:
+    """Read by Settings, not argparse: a bad value is one line, not a usage block."""
+    try:
+        return parse_rate_limit(text)
+    except InvalidRateLimit as exc:
+        raise SettingsError(f"--rate-limit (env OUTBOX_RATE_LIMIT): {exc}") from None
+
+
+def _rate_limit_text(daemon: Any) -> str:
+    limit = daemon.gate.limit
+    if not limit:
+        return "none"
+    shared = getattr(daemon.gate.source, "shared", False)
+    return f"{limit.describe()}, {'shared by every daemon on the database' if shared else 'this daemon'}"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -737,9 +754,10 @@ def _parser() -> argparse.ArgumentParser:
     _option(
         run,
         "--rate-limit",
-        "requests per second across this daemon's senders, 0 for none",
-        defaults.rate_limit,
-        _finite,
+        "the account's limit, shared by every daemon on a PostgreSQL database: requests per"
+        " second, windows such as 10/s,36000/h (N/s, N/min, N/h), or a preset: "
+        + ", ".join(PRESETS),
+        "none",
     )
     _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
     _option(

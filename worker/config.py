@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from worker.event import MAX_BODY_BYTES
 from worker.policy import RetryBudget
+from worker.ratelimit import NO_LIMIT, InvalidRateLimit, RateLimit, as_rate_limit
 from worker.v3event import BATCH_SHAPES, TRANSPORTS
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
@@ -38,7 +39,6 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "--lease": (1, 86400),  # renewed every third of it: it must outlast a slow statement
     "--timeout": (0.1, 3600),
     "--shutdown-timeout": (0, 3600),
-    "--rate-limit": (0, 10000),  # 0 is no limit
     "--backoff-base": (0.01, 86400),
     "--backoff-max": (0.01, 7 * 86400),
     "--metrics-port": (1, 65535),
@@ -91,7 +91,9 @@ class Settings:
     batch_size: int = 100
     poll_interval: float = 1.0  # seconds between polls when no wake-up comes
     lease: float = 60.0  # seconds a claim lasts before another daemon may take it back
-    rate_limit: float = 0.0  # requests per second across all threads; 0 is unlimited
+    # Every daemon's requests together (on PostgreSQL; this daemon's on SQLite). A
+    # number is requests per second; text is --rate-limit's syntax (worker.ratelimit).
+    rate_limit: RateLimit = NO_LIMIT
     timeout: float = 10.0  # seconds to wait for an answer
     shutdown_timeout: float = 10.0
     halt_probe_interval: float = 30.0  # seconds between probes while delivery is halted
@@ -112,6 +114,10 @@ class Settings:
                 DEFAULT_ENDPOINT_URL if self.transport == "tracker" else DEFAULT_V3_ENDPOINT_URL
             )
             object.__setattr__(self, "endpoint_url", default)
+        try:
+            object.__setattr__(self, "rate_limit", as_rate_limit(self.rate_limit))
+        except InvalidRateLimit as exc:
+            raise SettingsError(f"--rate-limit (env OUTBOX_RATE_LIMIT): {exc}") from None
 
     def database_patience(self) -> float | None:
         """How long the daemon waits out a database that does not answer (None: for ever)."""
@@ -145,7 +151,6 @@ class Settings:
             "--lease": self.lease,
             "--timeout": self.timeout,
             "--shutdown-timeout": self.shutdown_timeout,
-            "--rate-limit": self.rate_limit,
             "--max-attempts": self.budget.max_attempts,
             "--backoff-base": self.budget.backoff_base,
             "--backoff-max": self.budget.backoff_max,

@@ -1,10 +1,13 @@
 """The delivery loop: wake, claim what can go out soon, record, shut down cleanly.
 
-One main thread owns the database; the sender pool's threads only do HTTP.
-No database transaction is ever open while a request is on the wire. The
-daemon wires three components and runs the loop:
+One main thread owns the outbox rows; the sender pool's threads do HTTP, and
+on PostgreSQL take their send slots from the shared rate limit (one
+autocommitted statement per chunk, worker.shared_limit). No database
+transaction is ever open while a request is on the wire. The daemon wires
+three components and runs the loop:
 
-- the sender pool (worker.senders): threads, the job queue, the send gate;
+- the sender pool (worker.senders): threads, the job queue, the send gate
+  (worker.gate: the rate limit, and pauses shared by every daemon);
 - the breaker (worker.breaker): halts and probes, slow start, pauses;
 - the completer (worker.completer): the rows held, keyed by claim, their
   lease renewal, and the outcome buffer.
@@ -29,15 +32,17 @@ import sqlalchemy as sa
 import tenacity
 
 from worker.backends import Wakeups
-from worker.breaker import Breaker
+from worker.breaker import Breaker, pause_reason
 from worker.completer import Completer
 from worker.config import BOUNDS, Settings
 from worker.db import is_transient, require_current_schema
-from worker.delivery import Deliverer, SendGate
+from worker.delivery import Deliverer
+from worker.gate import SendGate, SlotSource
 from worker.maintenance import Maintenance
 from worker.output import first_line
 from worker.policy import Action, Answer, Outcome, Verdict, classify, decide, pause_for
 from worker.senders import Job, SenderPool
+from worker.shared_limit import SharedSlots
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
 from worker.tracing import DeliveryTracing, log_fields
@@ -73,10 +78,10 @@ class Daemon:
         self.transport = transport
         self.telemetry = telemetry or Telemetry()
         self.tracing = DeliveryTracing()
-        self.gate = SendGate(s.rate_limit)
+        self._identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.gate = SendGate(s.rate_limit, self._slot_source(store), telemetry=self.telemetry)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self._claims = itertools.count(1)
         self._listener: Wakeups | None = None
         self._maintenance: Maintenance | None = None
@@ -98,6 +103,7 @@ class Daemon:
             hold_others=self._hold_others,
             wake=self._wake,
         )
+        self.gate.backlog = self.senders.queued
         # Beyond a request per sender, the requests that may wait for their turn:
         # about a second's worth under a rate limit, else one claim's rows. Held rows'
         # leases are renewed, so waiting longer costs nothing but holding them from others.
@@ -108,7 +114,7 @@ class Daemon:
             max(s.batch_size, min(MAX_CLAIM_ROWS, per * 5)) if per > 1 else s.batch_size
         )
         self._lookahead = (
-            min(s.batch_size, max(1, math.ceil(s.rate_limit)))
+            min(s.batch_size, max(1, math.ceil(s.rate_limit.per_second)))
             if s.rate_limit
             else max(1, s.batch_size // per)
         )
@@ -156,7 +162,9 @@ class Daemon:
         maintenance.start()
         self._maintenance = maintenance
         self.senders.start()
-        self._listener = self.store.backend.wakeups(self.store.engine.url, self._wake)
+        self._listener = self.store.backend.wakeups(
+            self.store.engine.url, self._wake, on_pause=self._hear_shared_pause
+        )
         if self._listener:
             self._listener.start()
         try:
@@ -171,6 +179,16 @@ class Daemon:
                 self._listener.join(timeout=5.0)
             with contextlib.suppress(sa.exc.DBAPIError):
                 self.store.forget_daemon(self._identity)
+
+    def _slot_source(self, store: OutboxStore) -> SlotSource | None:
+        """On PostgreSQL every daemon on the database shares the limit; SQLite has one daemon."""
+        if not self.settings.rate_limit:
+            return None
+        return store.backend.shared_slots(store.engine, self._identity)
+
+    def _hear_shared_pause(self) -> None:
+        if isinstance(self.gate.source, SharedSlots):
+            self.gate.heard_of_pause(self.gate.source.read_pause())
 
     # -- the loop --------------------------------------------------------------
 
@@ -262,7 +280,7 @@ class Daemon:
         once, before the next queued request goes out (the breaker sets the full pause)."""
         pause = pause_for(answer, self.settings.budget, 1)
         if pause is not None:
-            self.gate.pause(pause)
+            self.gate.pause(pause, pause_reason(answer))
 
     def _collect(self) -> None:
         """Turn every answer that came back into an outcome to write."""

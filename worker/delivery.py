@@ -17,7 +17,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -371,43 +370,3 @@ def _seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-class SendGate:
-    """Spaces requests across all threads to a rate, and holds them all during a pause."""
-
-    def __init__(
-        self, rate_per_second: float = 0.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
-        self._clock = clock
-        self._next = 0.0
-        self._paused_until = 0.0
-        self._lock = threading.Lock()
-
-    def pause(self, seconds: float) -> None:
-        with self._lock:
-            self._paused_until = max(self._paused_until, self._clock() + seconds)
-
-    def paused_for(self) -> float:
-        return max(0.0, self._paused_until - self._clock())
-
-    def wait_turn(self, cancel: threading.Event | None = None) -> bool:
-        """Block until this thread may send: after any pause, one slot per interval.
-        False if `cancel` was set while it waited."""
-        cancel = cancel or threading.Event()
-        while True:
-            with self._lock:
-                now = self._clock()
-                reserved = now >= self._paused_until
-                if reserved:
-                    slot = max(now, self._next)
-                    self._next = slot + self._interval
-                    if slot <= now:
-                        return True
-                else:
-                    slot = self._paused_until
-            if cancel.wait(slot - now):
-                return False
-            if reserved and self._clock() >= self._paused_until:
-                return True

@@ -124,6 +124,8 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
         lines.append(
             f"  {d.name:<30} seen {_age(d.seen_s_ago)} ago, {d.delivered:,} delivered, {state}"
         )
+    if stats.rate_limit:
+        lines += _shared_limit_lines(stats.rate_limit)
     if stats.dead_by_status_code:
         lines.append("dead by last status code:")
         lines += [f"  {code:<20}{n:>12,}" for code, n in stats.dead_by_status_code.items()]
@@ -131,6 +133,21 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%SZ")
         print(f"\x1b[H\x1b[2Joutbox stats at {stamp} (Ctrl-C to stop)")
     print("\n".join(lines), flush=True)
+
+
+def _shared_limit_lines(shared: dict[str, Any]) -> list[str]:
+    grants = shared["grants"]
+    per = f", {grants / shared['granted']:.2f} statements per slot" if shared["granted"] else ""
+    lines = [
+        f"{'rate limit (shared)':<22}{shared['rate_limit'] or '-':>12}"
+        f"  ({shared['granted']:,} slots granted in {grants:,} statements{per})"
+    ]
+    if shared["paused_until"]:
+        lines.append(
+            f"  PAUSED for every daemon until {shared['paused_until']}"
+            f" ({shared['pause_reason']}, answered to {shared['paused_by']})"
+        )
+    return lines
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], widths: Sequence[int]) -> str:

@@ -134,3 +134,20 @@ outbox_daemons = sa.Table(
     # The end of a long pause the endpoint asked for (a 429, a used-up rate limit).
     sa.Column("paused_until", UTCDateTime(), nullable=True),
 )
+# The account's rate limit, shared by every daemon on PostgreSQL (worker.shared_limit):
+# one row, the next free send slot on one timeline for all of them, and the pause
+# an answer asked for. Chunks of slots are granted in one statement each. UNLOGGED
+# on PostgreSQL (migration 0005): nothing in it outlives a crash's worth of seconds.
+outbox_rate_limit = sa.Table(
+    "outbox_rate_limit",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("next_slot_at", UTCDateTime(), nullable=False),
+    sa.Column("paused_until", UTCDateTime(), nullable=True),
+    sa.Column("paused_by", sa.String(200), nullable=True),  # host:pid of the daemon answered
+    sa.Column("pause_reason", sa.Text(), nullable=True),
+    sa.Column("rate_limit", sa.Text(), nullable=True),  # as the last daemon granted wrote it
+    sa.Column("granted", sa.BigInteger(), nullable=False, server_default="0"),  # slots
+    sa.Column("grants", sa.BigInteger(), nullable=False, server_default="0"),  # statements
+    sa.Column("updated_at", UTCDateTime(), nullable=False, server_default=utcnow()),
+)

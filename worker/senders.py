@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from worker.delivery import SendGate
+from worker.gate import SendGate
 from worker.policy import Answer
 from worker.transport import Attempt, Exchange, Request, Transport
 
@@ -67,6 +67,10 @@ class SenderPool:
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
+
+    def queued(self) -> int:
+        """Jobs waiting for a free sender."""
+        return self._jobs.qsize()
 
     def answers(self) -> Iterator[Done]:
         """Every answer that came back since the last call."""

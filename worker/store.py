@@ -30,6 +30,7 @@ from worker.schema import (
     outbox_daemons,
     outbox_events,
 )
+from worker.shared_limit import shared_state
 
 e = outbox_events
 
@@ -84,6 +85,8 @@ class Stats:
     dead_by_status_code: dict[str, int]
     daemons: list[DaemonSeen]
     counts_capped_at: int | None = None  # counts above this are "at least this many"
+    # The limit shared through the database (worker.shared_limit), once a daemon used it.
+    rate_limit: dict[str, Any] | None = None
 
     @property
     def halted(self) -> list[DaemonSeen]:
@@ -101,6 +104,7 @@ class Stats:
             "oldest_due_age_s": self.oldest_due_age_s,
             "delivered_last_minute": self.delivered_last_minute,
             "dead_by_status_code": self.dead_by_status_code,
+            "rate_limit": self.rate_limit,
         }
 
 
@@ -398,6 +402,7 @@ class OutboxStore:
                 .where(outbox_daemons.c.seen_at >= seconds_from_now(-DAEMON_SILENCE))
                 .order_by(outbox_daemons.c.name)
             ).all()
+            shared = shared_state(conn)
         return Stats(
             counts=counts,
             counts_capped_at=count_limit,
@@ -418,6 +423,7 @@ class OutboxStore:
                 )
                 for d in daemons
             ],
+            rate_limit=shared,
         )
 
     def prune(

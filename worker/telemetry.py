@@ -98,8 +98,46 @@ class Telemetry:
         )
         self.paused_until = Gauge(
             "outbox_paused_until_seconds",
-            "Unix time at which the last long pause (429 or a used-up rate limit) ends:"
-            " sending is paused while it is in the future.",
+            "Unix time at which the last long pause (429 or a used-up rate limit, this"
+            " daemon's or shared by another daemon) ends: sending is paused while it is in"
+            " the future.",
+            registry=r,
+        )
+        self.shared_paused_until = Gauge(
+            "outbox_rate_limit_shared_pause_until_seconds",
+            "Unix time at which the pause shared by every daemon on the database ends (a 429"
+            " or a used-up x-sib-ratelimit, answered to any of them).",
+            registry=r,
+        )
+        self.tokens_granted = Counter(
+            "outbox_rate_limit_tokens_granted",
+            "Send slots this daemon was granted under --rate-limit (shared by every daemon on"
+            " PostgreSQL).",
+            registry=r,
+        )
+        self.tokens_waited = Counter(
+            "outbox_rate_limit_tokens_waited",
+            "Requests that waited for their slot (the rate limit or a pause held them).",
+            registry=r,
+        )
+        self.token_wait_seconds = Counter(
+            "outbox_rate_limit_wait_seconds",
+            "Time sender threads spent waiting for their slot.",
+            registry=r,
+        )
+        self.tokens_unused = Counter(
+            "outbox_rate_limit_tokens_unused",
+            "Slots granted and never used (no request was ready, or a pause voided them).",
+            registry=r,
+        )
+        self.token_grants = Counter(
+            "outbox_rate_limit_grants",
+            "Chunks of slots granted: one database statement each on PostgreSQL.",
+            registry=r,
+        )
+        self.throttled = Counter(
+            "outbox_responses_429",
+            "Answers 429 (too many requests) this daemon received.",
             registry=r,
         )
         self.in_flight = Gauge(

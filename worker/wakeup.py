@@ -18,10 +18,20 @@ import mmap
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import psycopg
 import sqlalchemy as sa
 
+if TYPE_CHECKING:
+    import psycopg
+
+# The channel the insert trigger (migration 0001, which spells it out: a migration
+# must not change with the code), a requeue and a shared pause notify.
+CHANNEL = "outbox_events"
+# The payload a daemon sends on the channel when it pauses every daemon
+# (worker.shared_limit): the listeners read the pause at once.
+PAUSE_NOTICE = "rate-limit-pause"
 _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 # Seconds between two looks at the SQLite file: a wake-up within about half of it
 # on average. A look reads the WAL index's change counter from memory; the thread's
@@ -155,12 +165,16 @@ class Listener:
     """Sets `wake` whenever the outbox channel is notified."""
 
     def __init__(
-        self, url: sa.URL, wake: threading.Event, channel: str, check_interval: float = 5.0
+        self,
+        url: sa.URL,
+        wake: threading.Event,
+        check_interval: float = 5.0,
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         # libpq takes the same URL without SQLAlchemy's driver suffix.
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._wake = wake
-        self._channel = channel
+        self._on_pause = on_pause  # another daemon shared a pause
         self._check_interval = check_interval
         self._stopping = threading.Event()
         self.listening = threading.Event()
@@ -179,20 +193,30 @@ class Listener:
     def _hears_itself(self, conn: psycopg.Connection) -> bool:
         """Notify our channel from another connection, as an inserting client would:
         behind a transaction pooler the LISTEN is lost and nothing arrives."""
+        import psycopg
+
         with psycopg.connect(
             self._conninfo, autocommit=True, connect_timeout=10, prepare_threshold=None
         ) as other:
-            other.execute("SELECT pg_notify(%s, 'listener check')", (self._channel,))
+            other.execute("SELECT pg_notify(%s, 'listener check')", (CHANNEL,))
         return any(True for _ in conn.notifies(timeout=2.0, stop_after=1))
 
+    def _hear_pause(self) -> None:
+        try:
+            self._on_pause()
+        except Exception as exc:  # the next grant brings the pause anyway
+            log.warning("could not read the shared pause: %s", str(exc).strip()[:200])
+
     def _run(self) -> None:
+        import psycopg  # only a PostgreSQL daemon loads the driver's notifications
+
         failures = 0
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(
                     self._conninfo, autocommit=True, connect_timeout=10, prepare_threshold=None
                 ) as conn:
-                    conn.execute(f"LISTEN {self._channel}")
+                    conn.execute(f"LISTEN {CHANNEL}")
                     if not self._hears_itself(conn):
                         log.warning(
                             "wake-ups off: LISTEN on this connection receives no notifications"
@@ -200,7 +224,7 @@ class Listener:
                         )
                         return
                     if failures:
-                        log.info("wake-ups restored: listening on %r again", self._channel)
+                        log.info("wake-ups restored: listening on %r again", CHANNEL)
                     failures = 0
                     self.listening.set()
                     # A notification may have been missed while we were away.
@@ -208,8 +232,11 @@ class Listener:
                     checked = time.monotonic()
                     while not self._stopping.is_set():
                         # Short slices, so that stop() is seen within one.
-                        for _ in conn.notifies(timeout=_STOP_SLICE):
-                            self._wake.set()
+                        for notice in conn.notifies(timeout=_STOP_SLICE):
+                            if notice.payload == PAUSE_NOTICE:
+                                self._hear_pause()
+                            else:
+                                self._wake.set()
                         if time.monotonic() - checked >= self._check_interval:
                             # Prove the connection is alive, so that a silently dead
                             # listener is found within one check interval.

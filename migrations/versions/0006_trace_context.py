@@ -1,10 +1,9 @@
 """outbox_events.traceparent and tracestate: the W3C trace context of the enqueuing span.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-03
 
-(Issue 12 adds 0005; at the merge this revision follows it.)
 """
 
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    from worker.gate import SlotSource
 
 
 class Wakeups(Protocol):
@@ -71,5 +74,13 @@ class Backend(abc.ABC):
         """Wake the daemons once this transaction commits (rows became due)."""
 
     @abc.abstractmethod
-    def wakeups(self, url: sa.URL, wake: threading.Event) -> Wakeups | None:
-        """What wakes a daemon sooner than its poll, if this database can tell."""
+    def wakeups(
+        self, url: sa.URL, wake: threading.Event, on_pause: Callable[[], None] | None = None
+    ) -> Wakeups | None:
+        """What wakes a daemon sooner than its poll, if this database can tell; and
+        calls `on_pause` when another daemon shared a pause, where it can hear that."""
+
+    def shared_slots(self, engine: sa.Engine, name: str) -> SlotSource | None:
+        """The account's rate limit shared by every daemon on the database, or None
+        where one daemon keeps it in process."""
+        return None

@@ -5,17 +5,18 @@ from __future__ import annotations
 import shlex
 import shutil
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from worker.backends.base import Backend, Wakeups
+from worker.wakeup import CHANNEL, Listener
 
-# The channel the insert trigger (migration 0001) and a requeue notify; the
-# migration spells it out, as a migration must not change with the code.
-CHANNEL = "outbox_events"
+if TYPE_CHECKING:
+    from worker.gate import SlotSource
+
 # Held by the transaction that leads a maintenance round ("outbox" in ASCII).
 MAINTENANCE_LOCK_KEY = 0x6F7574626F78
 # Held by the transaction that migrates ("outboxmg").
@@ -78,7 +79,12 @@ class PostgreSQL(Backend):
     def notify(self, conn: sa.Connection) -> None:
         conn.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
-    def wakeups(self, url: sa.URL, wake: threading.Event) -> Wakeups | None:
-        from worker.wakeup import Listener  # psycopg's notifies: loaded only where used
+    def wakeups(
+        self, url: sa.URL, wake: threading.Event, on_pause: Callable[[], None] | None = None
+    ) -> Wakeups | None:
+        return Listener(url, wake, on_pause=on_pause or (lambda: None))
 
-        return Listener(url, wake, CHANNEL)
+    def shared_slots(self, engine: sa.Engine, name: str) -> SlotSource | None:
+        from worker.shared_limit import SharedSlots  # it reads the gate's types
+
+        return SharedSlots(engine, name)

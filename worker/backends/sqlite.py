@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -68,7 +68,9 @@ class SQLite(Backend):
     def notify(self, conn: sa.Connection) -> None:
         pass  # the daemon polls
 
-    def wakeups(self, url: sa.URL, wake: threading.Event) -> Wakeups | None:
+    def wakeups(
+        self, url: sa.URL, wake: threading.Event, on_pause: Callable[[], None] | None = None
+    ) -> Wakeups | None:
         if not _is_file(url):
             return None  # an in-memory database: only this process writes it
         from worker.wakeup import DataVersionWatcher
