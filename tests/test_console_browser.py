@@ -71,9 +71,17 @@ def console(db_url: str, tmp_path: Path) -> Iterator[ConsoleProcess]:
 
 
 def text(driver: Any, element_id: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.ID, element_id).text
+    # The overview replaces its live part as it refreshes: an element found just
+    # before a refresh is stale by the time its text is read. Find it again.
+    for _ in range(10):
+        try:
+            return str(driver.find_element(By.ID, element_id).text)
+        except StaleElementReferenceException:
+            continue
+    return str(driver.find_element(By.ID, element_id).text)
 
 
 def dead_letters_through_a_real_daemon(engine: sa.Engine, endpoint: Endpoint) -> dict[str, int]:
