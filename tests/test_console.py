@@ -89,12 +89,19 @@ def test_overview_shows_counts_by_status_the_backlog_and_the_last_hour(engine, c
 
 
 def test_overview_says_loudly_when_delivery_is_halted_or_paused(engine, client):
-    add_daemon(engine, "host-a:1", halted_reason="HTTP 401 unauthorized (check the ma-key)")
+    began = (now() - dt.timedelta(hours=3)).replace(microsecond=0)
+    add_daemon(
+        engine,
+        "host-a:1",
+        halted_reason="HTTP 401 unauthorized (check the ma-key)",
+        halted_since=began,
+    )
     add_daemon(engine, "host-b:2", paused_until=now() + dt.timedelta(minutes=30))
     shown = text_of(client.get("/").text)
     assert (
         "Delivery is halted by daemon host-a:1: HTTP 401 unauthorized (check the ma-key)" in shown
     )
+    assert f"since {began:%Y-%m-%d %H:%M:%S} UTC (3.0h ago)" in shown
     until = (now() + dt.timedelta(minutes=30)).strftime("%Y-%m-%d %H:")
     assert "Paused by the endpoint's rate limit until " + until in shown
     assert "host-a:1" in shown and "host-b:2" in shown

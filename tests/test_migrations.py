@@ -218,3 +218,49 @@ def test_downgrading_0006_keeps_every_row_and_index(empty_engine):
     assert "traceparent" not in after["outbox_events"][0]
     assert same_rows(after, before)
     assert index_names(empty_engine) == indexes
+
+
+# -- 0007: since when a daemon has halted delivery ---------------------------------
+
+
+def daemon_rows(engine: sa.Engine) -> list[dict]:
+    return [dict(r._mapping) for r in rows(engine, "SELECT * FROM outbox_daemons ORDER BY name")]
+
+
+def test_migrating_to_0007_keeps_every_daemon_with_no_halted_since(empty_engine):
+    db.migrate(empty_engine, "0006")
+    with empty_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_daemons (name, halted_reason, delivered)"
+                " VALUES ('host:1', 'HTTP 401', 3)"
+            )
+        )
+    db.migrate(empty_engine, "0007")
+    (daemon,) = daemon_rows(empty_engine)
+    assert (daemon["halted_reason"], daemon["delivered"], daemon["halted_since"]) == (
+        "HTTP 401",
+        3,
+        None,
+    )
+
+
+def test_downgrading_0007_keeps_every_daemon_and_event(empty_engine):
+    db.migrate(empty_engine)
+    fill_at_0002(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_daemons (name, halted_reason, delivered, halted_since)"
+                " VALUES ('host:1', 'HTTP 401', 3, '2026-12-03 09:30:00')"
+            )
+        )
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    config = db._alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0006")
+    (daemon,) = daemon_rows(empty_engine)
+    assert "halted_since" not in daemon and daemon["halted_reason"] == "HTTP 401"
+    assert same_rows(snapshot(empty_engine), before)
+    assert index_names(empty_engine) == indexes

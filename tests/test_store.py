@@ -16,8 +16,10 @@ import sqlalchemy as sa
 
 from tests.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
+from worker.backends.sql import utcnow
+from worker.output import print_stats
 from worker.policy import Action, Outcome
-from worker.schema import outbox_attempts, outbox_events
+from worker.schema import outbox_attempts, outbox_daemons, outbox_events
 from worker.store import _CLAIM, ClaimedEvent, OutboxStore, Record
 
 e = outbox_events
@@ -482,6 +484,77 @@ def test_stats_counts_dead_rows_by_status_code(engine, store):
     make_dead(engine, ids[2], code=422)
     make_dead(engine, ids[3], code=None)
     assert store.stats().dead_by_status_code == {"400": 2, "422": 1, "none": 1}
+
+
+# -- the heartbeat ---------------------------------------------------------------------
+
+
+def daemon_row(engine: sa.Engine, name: str = "host:1") -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(outbox_daemons).where(outbox_daemons.c.name == name)).one()
+
+
+def db_now(engine: sa.Engine) -> dt.datetime:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(utcnow())).scalar_one()
+
+
+def test_heartbeat_of_a_new_halted_daemon_says_since_when(engine, store):
+    before = db_now(engine)
+    store.heartbeat("host:1", "HTTP 401", 0)
+    since = daemon_row(engine).halted_since
+    assert since is not None and before <= since <= db_now(engine)
+
+
+def test_heartbeat_sets_halted_since_when_a_halt_begins(engine, store):
+    store.heartbeat("host:1", None, 3)
+    assert daemon_row(engine).halted_since is None
+    before = db_now(engine)
+    store.heartbeat("host:1", "HTTP 401", 3)
+    since = daemon_row(engine).halted_since
+    assert since is not None and before <= since <= db_now(engine)
+
+
+def test_heartbeat_keeps_halted_since_while_the_daemon_stays_halted(engine, store):
+    store.heartbeat("host:1", "HTTP 401", 0)
+    began = (now() - dt.timedelta(hours=2)).replace(microsecond=0)
+    with engine.begin() as conn:
+        conn.execute(sa.update(outbox_daemons).values(halted_since=began))
+    store.heartbeat("host:1", "HTTP 403", 0)  # another reason, still the same halt
+    assert daemon_row(engine).halted_since == began
+
+
+def test_heartbeat_clears_halted_since_once_delivery_resumes(engine, store):
+    store.heartbeat("host:1", "HTTP 401", 0)
+    store.heartbeat("host:1", None, 1)
+    assert daemon_row(engine).halted_since is None
+    before = db_now(engine)
+    store.heartbeat("host:1", "HTTP 401", 1)  # a new halt starts its own clock
+    assert daemon_row(engine).halted_since >= before
+
+
+def test_stats_say_since_when_a_daemon_halted_in_json_and_text(engine, store, capsys):
+    store.heartbeat("host:1", "HTTP 401 unauthorized", 0)
+    store.heartbeat("host:2", None, 5)
+    began = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(outbox_daemons)
+            .where(outbox_daemons.c.name == "host:1")
+            .values(halted_since=began)
+        )
+    stats = store.stats()
+    halted, delivering = stats.daemons
+    assert halted.halted_since == began and delivering.halted_since is None
+    assert (
+        halted.halted_s_ago is not None
+        and halted.halted_s_ago >= (now() - began).total_seconds() - 5
+    )
+    shown = json.loads(json.dumps(stats.as_dict()))["daemons"]
+    assert [d["halted_since"] for d in shown] == ["2026-12-03T09:30:00+00:00", None]
+    print_stats(stats)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "host:1" in x)
+    assert "HALTED since 2026-12-03 09:30:00 UTC" in line and "HTTP 401 unauthorized" in line
 
 
 # -- the dead-letter view ------------------------------------------------------------

@@ -116,7 +116,12 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
     lines.append(f"{'daemons running':<22}{len(stats.daemons):>12,}")
     for d in stats.daemons:
         if d.halted_reason:
-            state = f"HALTED: {d.halted_reason}"
+            since = (
+                f" since {d.halted_since:%Y-%m-%d %H:%M:%S} UTC ({_age(d.halted_s_ago)} ago)"
+                if d.halted_since
+                else ""
+            )
+            state = f"HALTED{since}: {d.halted_reason}"
         elif d.paused_until:
             state = f"PAUSED by the endpoint's rate limit until {d.paused_until.isoformat()}"
         else:

@@ -133,6 +133,8 @@ outbox_daemons = sa.Table(
     sa.Column("delivered", sa.BigInteger(), nullable=False, server_default="0"),
     # The end of a long pause the endpoint asked for (a 429, a used-up rate limit).
     sa.Column("paused_until", UTCDateTime(), nullable=True),
+    # When the current halt began (by the database's clock), NULL while delivering.
+    sa.Column("halted_since", UTCDateTime(), nullable=True),
 )
 # The account's rate limit, shared by every daemon on PostgreSQL (worker.shared_limit):
 # one row, the next free send slot on one timeline for all of them, and the pause

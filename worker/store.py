@@ -73,6 +73,8 @@ class DaemonSeen:
     halted_reason: str | None
     delivered: int
     paused_until: dt.datetime | None = None  # a long pause in effect, until then
+    halted_since: dt.datetime | None = None  # when the current halt began
+    halted_s_ago: float | None = None  # and how long ago, by the database's clock
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,11 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "daemons": [
-                {**dataclasses.asdict(d), "paused_until": _iso(d.paused_until)}
+                {
+                    **dataclasses.asdict(d),
+                    "paused_until": _iso(d.paused_until),
+                    "halted_since": _iso(d.halted_since),
+                }
                 for d in self.daemons
             ],
             "counts": self.counts,
@@ -330,8 +336,19 @@ class OutboxStore:
             "delivered": delivered,
             "paused_until": paused_until,
         }
-        statement = insert.values(name=name, **state).on_conflict_do_update(
-            index_elements=["name"], set_={"seen_at": utcnow(), **state}
+        d = outbox_daemons.c
+        # In the same statement, by the database's clock: a halt that goes on keeps
+        # the time it began (COALESCE: a row from before 0007), a new one starts now.
+        since: Any = None
+        if halted_reason is not None:
+            since = sa.case(
+                (d.halted_reason.is_(None), utcnow()),
+                else_=sa.func.coalesce(d.halted_since, utcnow()),
+            )
+        statement = insert.values(
+            name=name, halted_since=None if halted_reason is None else utcnow(), **state
+        ).on_conflict_do_update(
+            index_elements=["name"], set_={"seen_at": utcnow(), "halted_since": since, **state}
         )
         with self.engine.begin() as conn:
             conn.execute(statement)
@@ -420,6 +437,8 @@ class OutboxStore:
                     d.halted_reason,
                     d.delivered,
                     d.paused_until if d.paused_until and d.paused_until > now else None,
+                    d.halted_since if d.halted_reason else None,
+                    _age(now, d.halted_since) if d.halted_reason else None,
                 )
                 for d in daemons
             ],
