@@ -41,19 +41,13 @@ WATCH_INTERVAL = 0.03
 log = logging.getLogger("worker.wakeup")
 
 
-class DataVersionWatcher:
-    """Sets `wake` when another connection commits a new row to the SQLite file, or makes
-    a row due now (a requeue): data_version moves at every commit of another connection,
-    the daemon's own included, and then the newest id and the earliest due time say
-    whether that commit gave the daemon something to claim."""
+class _WakeupThread:
+    """One thread that wakes the daemon: the start / stop / join protocol of every component."""
 
-    def __init__(self, path: str, wake: threading.Event, interval: float = WATCH_INTERVAL) -> None:
-        self._path = path
-        self._wake = wake
-        self._interval = interval
+    def __init__(self, name: str) -> None:
         self._stopping = threading.Event()
-        self.listening = threading.Event()  # watching: a commit from now on wakes the daemon
-        self._thread = threading.Thread(target=self._run, name="outbox-watcher", daemon=True)
+        self.listening = threading.Event()  # set while a commit would wake the daemon
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -64,6 +58,22 @@ class DataVersionWatcher:
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class DataVersionWatcher(_WakeupThread):
+    """Sets `wake` when another connection commits a new row to the SQLite file, or makes
+    a row due now (a requeue): data_version moves at every commit of another connection,
+    the daemon's own included, and then the newest id and the earliest due time say
+    whether that commit gave the daemon something to claim."""
+
+    def __init__(self, path: str, wake: threading.Event, interval: float = WATCH_INTERVAL) -> None:
+        self._path = path
+        self._wake = wake
+        self._interval = interval
+        super().__init__("outbox-watcher")
 
     def _run(self) -> None:
         failures = 0
@@ -161,7 +171,7 @@ def _watermark(conn: sqlite3.Connection) -> tuple[object, object, object]:
     return newest, due, due_now
 
 
-class Listener:
+class Listener(_WakeupThread):
     """Sets `wake` whenever the outbox channel is notified."""
 
     def __init__(
@@ -176,19 +186,7 @@ class Listener:
         self._wake = wake
         self._on_pause = on_pause  # another daemon shared a pause
         self._check_interval = check_interval
-        self._stopping = threading.Event()
-        self.listening = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outbox-listener", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().__init__("outbox-listener")
 
     def _hears_itself(self, conn: psycopg.Connection) -> bool:
         """Notify our channel from another connection, as an inserting client would:
