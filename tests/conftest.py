@@ -22,7 +22,7 @@ from tests.endpoint import Endpoint
 from tests.pgserver import PostgresServer
 from worker import db
 from worker.config import Settings
-from worker.daemon import Daemon
+from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.store import OutboxStore
 
@@ -159,7 +159,7 @@ def deliver(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> int:
     """Run the real daemon in this process until drained; return its exit code."""
     url = engine.url.render_as_string(hide_password=False)
     settings = fast_settings(url, endpoint_url, **overrides)
-    return Daemon(settings, OutboxStore(engine)).run()  # the settings' transport
+    return build_daemon(settings, engine=engine).run()
 
 
 def rows(engine: sa.Engine, sql: str = "SELECT * FROM outbox_events ORDER BY id") -> list[Any]:

@@ -21,11 +21,9 @@ from tests.conftest import KEY, SAMPLE_EVENTS, deliver, fast_settings, rows
 from tests.endpoint import Endpoint, Reply
 from tests.pgserver import free_port
 from worker import track_event, track_events
-from worker.daemon import Daemon
-from worker.delivery import Deliverer
+from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.schema import outbox_events
-from worker.store import OutboxStore
 
 e = outbox_events
 REFUSAL_400 = b'{"code":"invalid_parameter","message":"email is not a valid address"}'
@@ -123,10 +121,7 @@ class Running:
         settings = fast_settings(
             str(engine.url), endpoint_url, exit_when_drained=False, **overrides
         )
-        deliverer = Deliverer(
-            endpoint_url, KEY, timeout=settings.timeout, pool_size=settings.concurrency
-        )
-        self.daemon = Daemon(settings, OutboxStore(engine), deliverer)
+        self.daemon = build_daemon(settings, engine=engine)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -682,8 +677,7 @@ def _cpu_seconds_while_running(engine: sa.Engine, endpoint: Endpoint, seconds: f
         halt_probe_interval=30.0,
         poll_interval=1.0,
     )
-    deliverer = Deliverer(endpoint.url, KEY, timeout=settings.timeout, pool_size=4)
-    daemon = Daemon(settings, OutboxStore(engine), deliverer)
+    daemon = build_daemon(settings, engine=engine)
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     time.sleep(0.5)  # the first answer has come back by now

@@ -27,11 +27,10 @@ from tests.conftest import KEY, deliver, fast_settings, rows
 from tests.endpoint import Endpoint, Reply
 from tests.faultproxy import FaultProxy, Mode
 from worker import db, track_events
-from worker.daemon import Daemon
+from worker.daemon import Daemon, build_daemon
 from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.policy import RetryBudget
 from worker.schema import outbox_attempts, outbox_events
-from worker.store import OutboxStore
 
 TIMEOUT = 0.5  # the request timeout the daemon gets here: blackhole and trickle cost this
 # A first retry 0.5 to 1 s after a failure: long enough that a drained run
@@ -125,8 +124,7 @@ def _running(engine: sa.Engine, url: str, **overrides: Any) -> Iterator[Daemon]:
     settings = fast_settings(
         engine.url.render_as_string(hide_password=False), url, exit_when_drained=False, **overrides
     )
-    deliverer = Deliverer(url, KEY, timeout=settings.timeout, pool_size=settings.concurrency)
-    daemon = Daemon(settings, OutboxStore(engine), deliverer)
+    daemon = build_daemon(settings, engine=engine)
     thread = threading.Thread(target=daemon.run, name="daemon-under-test", daemon=True)
     thread.start()
     try:

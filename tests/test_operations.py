@@ -22,8 +22,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import KEY, fast_settings, rows, run_cli
 from tests.endpoint import Endpoint, Reply
 from worker import track_event
-from worker.daemon import Daemon
-from worker.delivery import Deliverer
+from worker.daemon import build_daemon
 from worker.maintenance import Maintenance
 from worker.output import LogFormatter
 from worker.store import OutboxStore
@@ -53,8 +52,7 @@ class RunningDaemon:
         )
         self.telemetry = Telemetry()
         self.server = TelemetryServer(self.telemetry, 0, "127.0.0.1").start()
-        deliverer = Deliverer(endpoint.url, KEY, timeout=settings.timeout, pool_size=4)
-        self.daemon = Daemon(settings, OutboxStore(engine), deliverer, self.telemetry)
+        self.daemon = build_daemon(settings, engine=engine, telemetry=self.telemetry)
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
 

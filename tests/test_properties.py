@@ -54,13 +54,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from tests.conftest import KEY, fast_settings, run_cli
+from tests.conftest import fast_settings, run_cli
 from worker import InvalidEvent, track_event, track_events
-from worker.daemon import Daemon
-from worker.delivery import Deliverer
+from worker.daemon import build_daemon
 from worker.event import MAX_BODY_BYTES
 from worker.schema import outbox_attempts, outbox_events
-from worker.store import OutboxStore
 from worker.when import MAX_DURATION
 
 e = outbox_events
@@ -464,8 +462,7 @@ def drain(engine: sa.Engine, endpoint_url: str, seconds: float = 60.0) -> None:
     not stall on a row it cannot read."""
     url = engine.url.render_as_string(hide_password=False)
     settings_ = fast_settings(url, endpoint_url)
-    deliverer = Deliverer(endpoint_url, KEY, timeout=settings_.timeout, pool_size=4)
-    daemon = Daemon(settings_, OutboxStore(engine), deliverer)
+    daemon = build_daemon(settings_, engine=engine)
     result: dict[str, Any] = {}
 
     def run() -> None:

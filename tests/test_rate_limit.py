@@ -19,8 +19,7 @@ from tests.endpoint import Reply
 from tests.test_cli import assert_one_line_error
 from worker import db, track_events
 from worker.config import Settings, SettingsError
-from worker.daemon import Daemon
-from worker.delivery import Deliverer
+from worker.daemon import build_daemon
 from worker.gate import Grant, LocalSlots, SendGate
 from worker.ratelimit import (
     CHUNK_SECONDS,
@@ -29,7 +28,6 @@ from worker.ratelimit import (
     parse_rate_limit,
 )
 from worker.shared_limit import SharedSlots
-from worker.store import OutboxStore
 from worker.telemetry import Telemetry
 
 # -- the syntax ------------------------------------------------------------------------------
@@ -277,8 +275,7 @@ def test_the_daemon_counts_429s_slots_and_shows_the_shared_pause_in_metrics(pg_u
     endpoint.script("e", Reply(429, headers={"Retry-After": "1"}))
     telemetry = Telemetry()
     settings = fast_settings(pg_url, endpoint.url, rate_limit="20/s")
-    deliverer = Deliverer(endpoint.url, KEY, timeout=2.0, pool_size=4)
-    assert Daemon(settings, OutboxStore(engine), deliverer, telemetry).run() == 0
+    assert build_daemon(settings, engine=engine, telemetry=telemetry).run() == 0
 
     def value(name: str) -> float:
         return telemetry.registry.get_sample_value(name) or 0.0

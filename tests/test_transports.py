@@ -318,8 +318,7 @@ def test_a_killed_daemon_loses_nothing(engine, endpoint, transport, spawn):
 
 def test_metrics_count_requests_and_events_per_request_by_transport(engine, endpoint, transport):
     from tests.conftest import fast_settings
-    from worker.daemon import Daemon
-    from worker.store import OutboxStore
+    from worker.daemon import build_daemon
     from worker.telemetry import Telemetry
 
     add(engine, [spec(n) for n in range(6)])
@@ -330,7 +329,7 @@ def test_metrics_count_requests_and_events_per_request_by_transport(engine, endp
     telemetry = Telemetry()
     url = engine.url.render_as_string(hide_password=False)
     settings = fast_settings(url, endpoint.url_for(transport), transport=transport)
-    assert Daemon(settings, OutboxStore(engine), None, telemetry).run() == 0
+    assert build_daemon(settings, engine=engine, telemetry=telemetry).run() == 0
     value = telemetry.registry.get_sample_value
     requests = 1 if transport == "v3-batch" else 6
     assert (
@@ -344,13 +343,12 @@ def test_metrics_count_requests_and_events_per_request_by_transport(engine, endp
 
 def test_each_request_takes_one_turn_of_the_rate_gate(engine, endpoint, transport):
     from tests.conftest import fast_settings
-    from worker.daemon import Daemon
-    from worker.store import OutboxStore
+    from worker.daemon import build_daemon
 
     add(engine, [spec(n) for n in range(6)])
     url = engine.url.render_as_string(hide_password=False)
     settings = fast_settings(url, endpoint.url_for(transport), transport=transport, rate_limit=50)
-    daemon = Daemon(settings, OutboxStore(engine))
+    daemon = build_daemon(settings, engine=engine)
     turns = []
     wait_turn = daemon.gate.wait_turn
     daemon.gate.wait_turn = lambda cancel=None: turns.append(1) or wait_turn(cancel)  # type: ignore[method-assign]

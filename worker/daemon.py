@@ -35,7 +35,7 @@ from worker.backends import Wakeups
 from worker.breaker import Breaker, pause_reason
 from worker.completer import Completer
 from worker.config import BOUNDS, Settings
-from worker.db import is_transient, require_current_schema
+from worker.db import create_engine, is_transient, require_current_schema
 from worker.delivery import Deliverer
 from worker.gate import SendGate, SlotSource
 from worker.maintenance import Maintenance
@@ -61,22 +61,41 @@ class DatabaseGaveUp(Exception):
     """The database stayed away longer than --database-wait."""
 
 
+def build_daemon(
+    settings: Settings,
+    *,
+    engine: sa.Engine | None = None,
+    deliverer: Deliverer | None = None,
+    telemetry: Telemetry | None = None,
+) -> Daemon:
+    """The one composition root: a ready daemon from checked settings.
+
+    The CLI, the demo and the tests all build their daemon here. Each part left
+    out is made from the settings: the engine from the database URL, the
+    transport's Deliverer from the endpoint, key and timeouts (a test passes its
+    own to post through a proxy), a fresh Telemetry.
+    """
+    engine = engine if engine is not None else create_engine(settings.database_url)
+    return Daemon(
+        settings,
+        OutboxStore(engine),
+        build_transport(settings, deliverer),
+        telemetry if telemetry is not None else Telemetry(),
+    )
+
+
 class Daemon:
     def __init__(
         self,
         settings: Settings,
         store: OutboxStore,
-        transport: Transport | Deliverer | None = None,
-        telemetry: Telemetry | None = None,
+        transport: Transport,
+        telemetry: Telemetry,
     ) -> None:
         self.settings = s = settings
         self.store = store
-        # None: the settings' transport; a bare Deliverer (tests, tools): the settings'
-        # transport posting through it.
-        if not isinstance(transport, Transport):
-            transport = build_transport(s, transport)
         self.transport = transport
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry
         self.tracing = DeliveryTracing()
         self._identity = f"{socket.gethostname()}:{os.getpid()}"
         self.gate = SendGate(s.rate_limit, self._slot_source(store), telemetry=self.telemetry)

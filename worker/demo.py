@@ -28,11 +28,11 @@ from worker import db, output, track_events
 from worker.backends import backend_for
 from worker.backends.sql import seconds_from_now
 from worker.config import Settings, SettingsError
-from worker.daemon import Daemon
+from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.schema import metadata, outbox_attempts, outbox_daemons, outbox_events
 from worker.sink import Sink
-from worker.store import DAEMON_SILENCE, OutboxStore
+from worker.store import DAEMON_SILENCE
 
 REFUSED_EVENT = "coupon_redeemed"
 DEMO_KEY = "outbox-demo:"  # the idempotency-key prefix of every row the demo writes
@@ -81,7 +81,7 @@ def run_demo(database_url: str, transport: str = "tracker") -> int:
             poll_interval=0.2,
             exit_when_drained=True,
         ).check()
-        code = Daemon(settings, OutboxStore(engine)).run()
+        code = build_daemon(settings, engine=engine).run()
         print(
             f"3. delivered to the local sink at {sink.url} (transport {transport}): it accepted"
             f" {len(sink.received)} in {sink.requests} requests"
