@@ -44,8 +44,8 @@ from worker.config import (
 )
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
-from worker.ratelimit import PRESETS, InvalidRateLimit, RateLimit, parse_rate_limit
-from worker.when import InvalidTime, parse_duration, parse_when
+from worker.ratelimit import PRESETS
+from worker.when import InvalidTime, duration_text, parse_duration, parse_when
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -141,17 +141,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.daemon import Daemon
-    from worker.store import OutboxStore
+    from worker.daemon import build_daemon
     from worker.telemetry import Telemetry, TelemetryServer
     from worker.tracing import configure_from_environment
-    from worker.transport import build_transport
 
     settings = _settings(args).check()
     # OpenTelemetry's own variables (OTEL_TRACES_EXPORTER, OTEL_SERVICE_NAME, ...).
     stop_tracing = configure_from_environment(os.environ)
-    engine = db.create_engine(settings.database_url)
-    transport = build_transport(settings)
     telemetry = Telemetry()
     if settings.metrics_port is not None:
         with _listening(
@@ -164,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.metrics_host,
             server.port,
         )
-    daemon = Daemon(settings, OutboxStore(engine), transport, telemetry)
+    daemon = build_daemon(settings, telemetry=telemetry)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     logging.getLogger("worker").info(
@@ -330,7 +326,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
         lease=args.lease,
-        rate_limit=_rate_limit(args.rate_limit),
+        rate_limit=args.rate_limit,  # text: Settings reads it
         timeout=args.timeout,
         shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes,
@@ -483,7 +479,7 @@ def _option(
     """Add --flag, set by env OUTBOX_FLAG when not given; its help states range, default and variable."""
     variable = env_variable(flag)
     if shown is None:
-        shown = "off" if switch else default if isinstance(default, str) else number_text(default)
+        shown = "off" if switch else _shown(default)
     stated = [f"default {shown}", f"env {variable}"]
     if flag in BOUNDS:
         stated.insert(0, bounds_text(flag))
@@ -498,6 +494,13 @@ def _option(
     dest = flag[2:].replace("-", "_")
     known = parser.get_default("from_environment") or ()
     parser.set_defaults(from_environment=(*known, _FromEnvironment(dest, variable, parse, default)))
+
+
+def _shown(default: Any) -> str:
+    """A default as --help states it, spelled as the flag takes it."""
+    if isinstance(default, dt.timedelta):
+        return duration_text(default)
+    return default if isinstance(default, str) else number_text(default)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -579,14 +582,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def _rate_limit(text: str) -> RateLimit:
-    """Read by Settings, not argparse: a bad value is one line, not a usage block."""
-    try:
-        return parse_rate_limit(text)
-    except InvalidRateLimit as exc:
-        raise SettingsError(f"--rate-limit (env OUTBOX_RATE_LIMIT): {exc}") from None
-
-
 def _rate_limit_text(daemon: Any) -> str:
     limit = daemon.gate.limit
     if not limit:
@@ -654,6 +649,9 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("OUTBOX_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="SQLAlchemy URL of the outbox database (env OUTBOX_DATABASE_URL; default %(default)s)",
     )
+    # Every daemon setting's default is the Settings type's own.
+    defaults = Settings()
+    budget = defaults.budget
     keyed = _Parser(add_help=False)
     keyed.add_argument("--ma-key", action=_RefuseKey, variable="OUTBOX_MA_KEY")
     keyed.add_argument("--api-key", action=_RefuseKey, variable="OUTBOX_API_KEY")
@@ -674,7 +672,7 @@ def _parser() -> argparse.ArgumentParser:
         "--transport",
         "tracker (trackEvent, one event a request), v3 (Brevo's v3 events API) or v3-batch"
         " (its /batch, many events a request)",
-        "tracker",
+        defaults.transport,
     )
     sub = parser.add_subparsers(metavar="command")
 
@@ -691,7 +689,6 @@ def _parser() -> argparse.ArgumentParser:
     command("migrate", cmd_migrate, "bring the database to the newest schema")
 
     run = command("run", cmd_run, "the delivery daemon", parents=(common, keyed))
-    defaults, budget = Settings(), RetryBudget()
     _option(
         run,
         "--endpoint-url",
@@ -736,7 +733,7 @@ def _parser() -> argparse.ArgumentParser:
         budget.max_attempts,
         _whole,
     )
-    _option(run, "--max-age", "give up on an event this old", "3d", _duration)
+    _option(run, "--max-age", "give up on an event this old", budget.max_age, _duration)
     _option(run, "--backoff-base", "seconds before the first retry", budget.backoff_base, _finite)
     _option(
         run, "--backoff-max", "longest wait between retries, seconds", budget.backoff_max, _finite
@@ -757,7 +754,7 @@ def _parser() -> argparse.ArgumentParser:
         "the account's limit, shared by every daemon on a PostgreSQL database: requests per"
         " second, windows such as 10/s,36000/h (N/s, N/min, N/h), or a preset: "
         + ", ".join(PRESETS),
-        "none",
+        defaults.rate_limit.describe(),
     )
     _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
     _option(
@@ -772,7 +769,7 @@ def _parser() -> argparse.ArgumentParser:
         run,
         "--retain-delivered",
         "prune delivered events older than this, 'forever' keeps them",
-        "7d",
+        defaults.retain_delivered,
         _retention,
     )
     _option(
@@ -845,9 +842,5 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--database-url", default="sqlite:///outbox-demo.db")
     demo.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
     demo.add_argument("--log-format", default="text", help="text or json (default text)")
-    demo.add_argument(
-        "--transport",
-        default=os.environ.get("OUTBOX_TRANSPORT", "tracker"),
-        help="tracker, v3 or v3-batch (env OUTBOX_TRANSPORT; default tracker)",
-    )
+    _option(demo, "--transport", "tracker, v3 or v3-batch", defaults.transport)
     return parser

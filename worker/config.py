@@ -1,4 +1,9 @@
-"""The daemon's settings: one typed object, built once (flags > environment > defaults)."""
+"""The daemon's settings: one typed object holding every default and every range.
+
+The defaults here are the only ones: the CLI's parser states them in --help and
+fills each setting from its flag, else its variable (OUTBOX_...), else this
+default, and worker.daemon.build_daemon makes the daemon from the result.
+"""
 
 from __future__ import annotations
 

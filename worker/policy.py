@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import tenacity
 
+from worker.when import duration_text
+
 
 class Verdict(enum.Enum):
     DELIVERED = "delivered"  # 2xx: done
@@ -118,7 +120,7 @@ def decide(
         reason = f"{error} (gave up after {attempt} attempts)"
         return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
     if age + dt.timedelta(seconds=wait) > budget.max_age:
-        reason = f"{error} (gave up: older than {_human(budget.max_age)})"
+        reason = f"{error} (gave up: older than {duration_text(budget.max_age)})"
         return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
     return verdict, Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
 
@@ -146,11 +148,3 @@ def bounded_pause(seconds: float) -> float:
     if math.isnan(seconds):
         return MIN_PAUSE
     return min(max(seconds, MIN_PAUSE), MAX_PAUSE)
-
-
-def _human(delta: dt.timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"

@@ -79,3 +79,12 @@ def _timestamp(text: str, name: str) -> dt.datetime:
         return parsed.astimezone(dt.timezone.utc)
     except OverflowError:
         raise InvalidTime(name, f"{text!r} is out of range (years 1 to 9999 in UTC)") from None
+
+
+def duration_text(delta: dt.timedelta) -> str:
+    """A duration as --help and messages spell it, in the largest whole unit: 3d, 90m, 45s."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
