@@ -30,7 +30,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from tests.pgserver import PostgresServer  # noqa: E402
 from worker import db  # noqa: E402
-from worker.console.app import ConsoleOptions, create_app  # noqa: E402
+from worker.console.app import create_app  # noqa: E402
+from worker.console.context import ConsoleOptions  # noqa: E402
 
 PAGES = ("/", "/events", "/dead-letters", "/dead-letters?status_code=400", "/contacts/blocked")
 

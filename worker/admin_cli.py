@@ -14,7 +14,7 @@ from typing import Any
 
 from worker import output
 from worker.admin import STATUSES, Change, EventFilter, OutboxAdmin
-from worker.cli import EXIT_FAILURE, UsageError, _ids, _positive_int, _store
+from worker.cli_base import EXIT_FAILURE, UsageError, ids_text, open_store, positive_int
 from worker.event import MAX_BODY_BYTES
 from worker.when import parse_when
 
@@ -38,7 +38,7 @@ def _filters(dated: str) -> argparse.ArgumentParser:
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the operator's commands to the top-level subparsers."""
     paged = argparse.ArgumentParser(add_help=False)
-    paged.add_argument("--limit", type=_positive_int, default=50, help="rows a page (default 50)")
+    paged.add_argument("--limit", type=positive_int, default=50, help="rows a page (default 50)")
     paged.add_argument("--before-id", type=int, help="the page after one ending here (printed)")
     paged.add_argument("--json", action="store_true", help="one JSON object per line")
     dry = argparse.ArgumentParser(add_help=False)
@@ -58,7 +58,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     show = command(events_sub, "show", cmd_events_show, "one event: its row, body and attempts")
     show.add_argument("id", type=int, help="outbox id")
     show.add_argument("--json", action="store_true", help="one JSON object")
-    show.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+    show.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES)
     listing = command(
         events_sub,
         "list",
@@ -203,7 +203,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         count = _admin(args).prunable(older_than, args.include_dead).count
         print(f"would prune {count} {kinds} events finished {when} (dry run: nothing changed)")
         return 0
-    count = _store(args).prune(older_than, include_dead=args.include_dead)
+    count = open_store(args).prune(older_than, include_dead=args.include_dead)
     print(f"pruned {count} {kinds} events finished {when}")
     return 0
 
@@ -250,7 +250,7 @@ def _report(args: argparse.Namespace, change: Change, verb: str, done: str, kind
     line += f" {change.count} {kinds}"
     if change.ids:
         more = change.count - len(change.ids)  # a filter's change lists its newest few
-        line += f": ids {_ids(change.ids)}" + (f" and {more} more" if more > 0 else "")
+        line += f": ids {ids_text(change.ids)}" + (f" and {more} more" if more > 0 else "")
     if args.dry_run:
         line += " (dry run: nothing changed)"
     print(line)
@@ -259,4 +259,4 @@ def _report(args: argparse.Namespace, change: Change, verb: str, done: str, kind
 
 
 def _admin(args: argparse.Namespace) -> OutboxAdmin:
-    return OutboxAdmin(_store(args).engine)
+    return OutboxAdmin(open_store(args).engine)

@@ -7,26 +7,34 @@ Exit codes: 0 success, 2 bad usage or configuration (one line saying why),
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
-import errno
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import sqlalchemy as sa
 
-from worker import db, output
+from worker import admin_cli, db, output
 from worker.admin import InvalidSelection
+from worker.cli_base import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UsageError,
+    finite,
+    ids_text,
+    listening,
+    open_store,
+    positive_int,
+    whole,
+)
 from worker.config import (
     BOUNDS,
     DEFAULT_DATABASE_URL,
@@ -42,18 +50,11 @@ from worker.config import (
     env_variable,
     number_text,
 )
+from worker.console import command as console_command
 from worker.event import MAX_BODY_BYTES, InvalidEvent
 from worker.policy import RetryBudget
 from worker.ratelimit import PRESETS
 from worker.when import InvalidTime, duration_text, parse_duration, parse_when
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad usage or configuration: exit 2 with this one line."""
-
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -150,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop_tracing = configure_from_environment(os.environ)
     telemetry = Telemetry()
     if settings.metrics_port is not None:
-        with _listening(
+        with listening(
             settings.metrics_host, settings.metrics_port, "--metrics-host", "--metrics-port"
         ):
             server = TelemetryServer(telemetry, settings.metrics_port, settings.metrics_host)
@@ -222,21 +223,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if new:
         line += f" (outbox ids {min(new)}..{max(new)})"
     if kept:
-        line += (
-            f"; {len(kept)} already there by idempotency key (outbox ids {_ids(sorted(set(kept)))})"
-        )
+        line += f"; {len(kept)} already there by idempotency key (outbox ids {ids_text(sorted(set(kept)))})"
     print(line)
     return 0
 
 
-def _ids(ids: list[int]) -> str:
-    shown = ", ".join(map(str, ids[:10]))
-    return shown + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     check_number("--interval", args.interval)
-    store = _store(args)
+    store = open_store(args)
     try:
         while True:
             stats = store.stats()
@@ -263,7 +257,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
     (check_api_key if v3 else check_ma_key)(key)  # the key the daemon will send: the same rules
     check_number("--port", args.port)
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
-    with _listening(args.host, args.port, "--host", "--port"):
+    with listening(args.host, args.port, "--host", "--port"):
         sink = Sink(
             key,
             args.host,
@@ -361,31 +355,6 @@ def _key(path: str | None, flag: str, variable: str) -> str:
                 f"{flag} is not UTF-8 text: it must hold the key alone, as plain text"
             ) from None
     return os.environ.get(variable, "").strip()
-
-
-@contextlib.contextmanager
-def _listening(host: str, port: int, host_flag: str, port_flag: str) -> Iterator[None]:
-    """Turn a server's failure to bind into one line naming the port and the flag that sets it."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"port {port} on {host} is already in use by another program: stop it,"
-                f" or choose another {port_flag}"
-            ) from None
-        raise UsageError(
-            f"cannot listen on {host} port {port} ({exc.strerror or exc}): check {host_flag}"
-            f" and {port_flag}"
-        ) from None
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from worker.store import OutboxStore
-
-    engine = db.create_engine(args.database_url)
-    db.require_current_schema(engine)
-    return OutboxStore(engine)
 
 
 def _json_flag(flag: str, text: str | None) -> Any:
@@ -563,38 +532,12 @@ def _retention(text: str) -> dt.timedelta | None:
     return _duration(text)
 
 
-def _whole(text: str) -> int:
-    """argparse's int, with a message; the range is Settings.check's."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-
-
-def _finite(text: str) -> float:
-    """A number of seconds or a rate: float() takes 'nan' and 'inf', which no setting can use."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
-    return value
-
-
 def _rate_limit_text(daemon: Any) -> str:
     limit = daemon.gate.limit
     if not limit:
         return "none"
     shared = getattr(daemon.gate.source, "shared", False)
     return f"{limit.describe()}, {'shared by every daemon on the database' if shared else 'this daemon'}"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 class _RefuseKey(argparse.Action):
@@ -701,10 +644,10 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-max-events",
         "v3-batch: most events a request",
         defaults.batch_max_events,
-        _whole,
+        whole,
     )
     _option(
-        run, "--batch-max-bytes", "v3-batch: largest request body", defaults.batch_max_bytes, _whole
+        run, "--batch-max-bytes", "v3-batch: largest request body", defaults.batch_max_bytes, whole
     )
     _option(
         run,
@@ -717,7 +660,7 @@ def _parser() -> argparse.ArgumentParser:
         run,
         "--database-wait",
         "seconds to wait for a database that does not answer, then exit 1",
-        parse=_finite,
+        parse=finite,
         shown=f"for ever; {DRAINED_DATABASE_WAIT:g} with --exit-when-drained",
     )
     _option(
@@ -731,23 +674,23 @@ def _parser() -> argparse.ArgumentParser:
         "--max-attempts",
         "charged attempts before an event is dead",
         budget.max_attempts,
-        _whole,
+        whole,
     )
     _option(run, "--max-age", "give up on an event this old", budget.max_age, _duration)
-    _option(run, "--backoff-base", "seconds before the first retry", budget.backoff_base, _finite)
+    _option(run, "--backoff-base", "seconds before the first retry", budget.backoff_base, finite)
     _option(
-        run, "--backoff-max", "longest wait between retries, seconds", budget.backoff_max, _finite
+        run, "--backoff-max", "longest wait between retries, seconds", budget.backoff_max, finite
     )
-    _option(run, "--concurrency", "requests in flight at once", defaults.concurrency, _whole)
-    _option(run, "--batch-size", "rows claimed per statement", defaults.batch_size, _whole)
+    _option(run, "--concurrency", "requests in flight at once", defaults.concurrency, whole)
+    _option(run, "--batch-size", "rows claimed per statement", defaults.batch_size, whole)
     _option(
         run,
         "--poll-interval",
         "seconds between polls when no wake-up comes",
         defaults.poll_interval,
-        _finite,
+        finite,
     )
-    _option(run, "--lease", "seconds a claim lasts", defaults.lease, _finite)
+    _option(run, "--lease", "seconds a claim lasts", defaults.lease, finite)
     _option(
         run,
         "--rate-limit",
@@ -756,15 +699,15 @@ def _parser() -> argparse.ArgumentParser:
         + ", ".join(PRESETS),
         defaults.rate_limit.describe(),
     )
-    _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, _finite)
+    _option(run, "--timeout", "seconds to wait for an answer", defaults.timeout, finite)
     _option(
         run,
         "--shutdown-timeout",
         "seconds in-flight requests get at SIGTERM",
         defaults.shutdown_timeout,
-        _finite,
+        finite,
     )
-    _option(run, "--max-body-bytes", "largest request body", defaults.max_body_bytes, _whole)
+    _option(run, "--max-body-bytes", "largest request body", defaults.max_body_bytes, whole)
     _option(
         run,
         "--retain-delivered",
@@ -776,7 +719,7 @@ def _parser() -> argparse.ArgumentParser:
         run,
         "--metrics-port",
         "serve Prometheus /metrics and /livez, /readyz health checks on this port",
-        parse=_whole,
+        parse=whole,
         shown="off",
     )
     _option(run, "--metrics-host", "address for --metrics-port", defaults.metrics_host)
@@ -798,24 +741,20 @@ def _parser() -> argparse.ArgumentParser:
         help="not before: a delay (90s, 15m, 2h, 1d) or an ISO 8601 time with an offset or Z",
     )
     enqueue.add_argument("--file", help="JSON Lines, one event per line; - for stdin")
-    enqueue.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES)
+    enqueue.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES)
 
     stats = command("stats", cmd_stats, "counts by status, backlog age, recent throughput")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
     stats.add_argument(
         "--interval",
-        type=_finite,
+        type=finite,
         default=1.0,
         help=f"seconds between refreshes ({bounds_text('--interval')}; default 1)",
     )
 
-    from worker import admin_cli  # it imports this module: here, once this one is loaded
-
     admin_cli.add_commands(sub, common)
-    from worker.console import command as console_command  # Starlette is loaded only to serve
-
-    console_command.add_command(sub, common)
+    console_command.add_command(sub, common)  # Starlette is loaded only to serve
 
     sink = command(
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
@@ -823,7 +762,7 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--host", default="127.0.0.1")
     sink.add_argument(
         "--port",
-        type=_whole,
+        type=whole,
         default=8080,
         help=f"{bounds_text('--port')}, 0 for any free port (default 8080)",
     )
@@ -831,7 +770,7 @@ def _parser() -> argparse.ArgumentParser:
     sink.add_argument("--record", help="append every accepted event to this JSON Lines file")
     sink.add_argument(
         "--rate-limit",
-        type=_whole,
+        type=whole,
         default=0,
         help="answer 429 with x-sib-ratelimit-* headers past this many requests a second"
         " (default 0: no limit)",

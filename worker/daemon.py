@@ -32,6 +32,7 @@ import sqlalchemy as sa
 import tenacity
 
 from worker.backends import Wakeups
+from worker.batch import V3BatchTransport
 from worker.breaker import Breaker, pause_reason
 from worker.completer import Completer
 from worker.config import BOUNDS, Settings
@@ -46,7 +47,7 @@ from worker.shared_limit import SharedSlots
 from worker.store import ClaimedEvent, OutboxStore
 from worker.telemetry import Telemetry
 from worker.tracing import DeliveryTracing, log_fields
-from worker.transport import Rejected, Transport, build_transport
+from worker.transport import Rejected, Transport, V3Transport
 
 log = logging.getLogger("worker.daemon")
 T = TypeVar("T")
@@ -82,6 +83,35 @@ def build_daemon(
         build_transport(settings, deliverer),
         telemetry if telemetry is not None else Telemetry(),
     )
+
+
+def build_transport(settings: Settings, deliverer: Deliverer | None = None) -> Transport:
+    """The settings' transport, on its own Deliverer unless one is given (tests, tools)."""
+    name = settings.transport
+    if deliverer is None:
+        v3 = name != "tracker"
+        url = settings.endpoint_url
+        if name == "v3-batch":
+            url = url.rstrip("/") + "/batch"
+        deliverer = Deliverer(
+            url,
+            settings.api_key if v3 else settings.ma_key,
+            timeout=settings.timeout,
+            pool_size=settings.concurrency,
+            key_header="api-key" if v3 else "ma-key",
+            keep_content=name == "v3-batch",
+        )
+    if name == "v3-batch":
+        return V3BatchTransport(
+            deliverer,
+            max_body_bytes=settings.max_body_bytes,
+            max_events=settings.batch_max_events,
+            max_bytes=settings.batch_max_bytes,
+            shape=settings.batch_shape,
+        )
+    if name == "v3":
+        return V3Transport(deliverer, max_body_bytes=settings.max_body_bytes)
+    return Transport(deliverer, max_body_bytes=settings.max_body_bytes)
 
 
 class Daemon:

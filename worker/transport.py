@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from worker import v3event
-from worker.config import Settings
 from worker.delivery import Deliverer
 from worker.event import Event, InvalidEvent, from_stored
 from worker.policy import Answer
@@ -140,34 +139,3 @@ class V3Transport(Transport):
 
     def encode(self, event: ClaimedEvent, checked: Event) -> bytes:
         return v3event.body(checked, event.created_at)
-
-
-def build_transport(settings: Settings, deliverer: Deliverer | None = None) -> Transport:
-    """The settings' transport, on its own Deliverer unless one is given (tests, tools)."""
-    from worker.batch import V3BatchTransport
-
-    name = settings.transport
-    if deliverer is None:
-        v3 = name != "tracker"
-        url = settings.endpoint_url
-        if name == "v3-batch":
-            url = url.rstrip("/") + "/batch"
-        deliverer = Deliverer(
-            url,
-            settings.api_key if v3 else settings.ma_key,
-            timeout=settings.timeout,
-            pool_size=settings.concurrency,
-            key_header="api-key" if v3 else "ma-key",
-            keep_content=name == "v3-batch",
-        )
-    if name == "v3-batch":
-        return V3BatchTransport(
-            deliverer,
-            max_body_bytes=settings.max_body_bytes,
-            max_events=settings.batch_max_events,
-            max_bytes=settings.batch_max_bytes,
-            shape=settings.batch_shape,
-        )
-    if name == "v3":
-        return V3Transport(deliverer, max_body_bytes=settings.max_body_bytes)
-    return Transport(deliverer, max_body_bytes=settings.max_body_bytes)

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from worker.admin import Change, EventFilter
-from worker.console.app import Console
+from worker.console.context import Console
 from worker.console.pages import BAD_INPUT, FILTER_FIELDS, Filters, local_path, read_filters
 from worker.console.security import SESSION_COOKIE
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import db, output
-from worker.cli import UsageError, _finite, _listening, _whole
+from worker.cli_base import UsageError, finite, listening, whole
 from worker.config import _is_loopback, check_number
 
 DEFAULT_HOST = "127.0.0.1"
@@ -41,7 +41,7 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--port",
-        type=_whole,
+        type=whole,
         default=DEFAULT_PORT,
         help=f"0 for any free one (default {DEFAULT_PORT})",
     )
@@ -53,7 +53,7 @@ def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-emails", action="store_true", help="show j***@example.com, not emails")
     p.add_argument(
         "--refresh",
-        type=_finite,
+        type=finite,
         default=5.0,
         help="seconds between the overview's own refreshes (default 5)",
     )
@@ -94,7 +94,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from worker.console.app import ConsoleOptions, create_app
+        from worker.console.app import create_app
+        from worker.console.context import ConsoleOptions
     except ImportError as exc:
         raise UsageError(
             f"the console needs its extra ({exc.name} is missing):"
@@ -109,7 +110,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         engine,
         ConsoleOptions(token=token, mask_emails=args.mask_emails, refresh_seconds=args.refresh),
     )
-    with _listening(args.host, args.port, "--host", "--port"):
+    with listening(args.host, args.port, "--host", "--port"):
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         sock = socket.create_server((args.host, args.port), family=family)
     port = sock.getsockname()[1]

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from worker import admin_reports
 from worker.admin import STATUSES, EventFilter, InvalidSelection
 from worker.console import chart
-from worker.console.app import Console
+from worker.console.context import Console
 from worker.store import DEAD_BY_CODE_SAMPLE
 from worker.when import InvalidTime, parse_when
 
