@@ -99,7 +99,9 @@ def claimed(n: int, email: str | None = None, text: str = "") -> ClaimedEvent:
 
 
 def batching(**options) -> V3BatchTransport:
-    deliverer = Deliverer("http://127.0.0.1:9/v3/events/batch", "k" * 12, keep_content=True)
+    deliverer = Deliverer(
+        "http://127.0.0.1:9/v3/events/batch", "k" * 12, timeout=2.0, keep_content=True
+    )
     return V3BatchTransport(deliverer, max_body_bytes=64 * 1024, **options)
 
 

@@ -40,6 +40,7 @@ from worker.config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_ENDPOINT_URL,
     DEFAULT_V3_ENDPOINT_URL,
+    DEMO_DATABASE_URL,
     DRAINED_DATABASE_WAIT,
     Settings,
     SettingsError,
@@ -778,7 +779,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # The demo never touches OUTBOX_DATABASE_URL: it makes its own file anew.
     demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=())
-    demo.add_argument("--database-url", default="sqlite:///outbox-demo.db")
+    demo.add_argument("--database-url", default=DEMO_DATABASE_URL)
     demo.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
     demo.add_argument("--log-format", default="text", help="text or json (default text)")
     _option(demo, "--transport", "tracker, v3 or v3-batch", defaults.transport)

@@ -19,6 +19,7 @@ from worker.ratelimit import NO_LIMIT, InvalidRateLimit, RateLimit, as_rate_limi
 from worker.v3event import BATCH_SHAPES, TRANSPORTS
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
+DEMO_DATABASE_URL = "sqlite:///outbox-demo.db"  # the demo's own file, never the default's
 DEFAULT_ENDPOINT_URL = "https://in-automate.brevo.com/api/v2/trackEvent"
 DEFAULT_V3_ENDPOINT_URL = "https://api.brevo.com/v3/events"  # v3-batch posts to its /batch
 # Real keys are far longer; a shorter one is a typo, and redacting it would mangle log text.

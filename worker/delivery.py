@@ -42,7 +42,7 @@ class Deliverer:
         endpoint_url: str,
         ma_key: str,
         *,
-        timeout: float = 10.0,
+        timeout: float,  # the settings own the default (Settings.timeout)
         connect_timeout: float = 5.0,
         pool_size: int = 8,
         key_header: str = "ma-key",

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from worker import db, output, track_events
 from worker.backends import backend_for
 from worker.backends.sql import seconds_from_now
-from worker.config import Settings, SettingsError
+from worker.config import DEMO_DATABASE_URL, Settings, SettingsError
 from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.schema import metadata, outbox_attempts, outbox_daemons, outbox_events
@@ -128,7 +128,7 @@ def _take_over(url: sa.URL) -> None:
 
 
 def _check_and_empty(engine: sa.Engine) -> None:
-    redo = "give --database-url a new, empty database (the default is sqlite:///outbox-demo.db)"
+    redo = f"give --database-url a new, empty database (the default is {DEMO_DATABASE_URL})"
     tables = set(sa.inspect(engine).get_table_names())
     foreign = sorted(tables - _OUTBOX_TABLES)
     if foreign:
