@@ -39,7 +39,7 @@ DEMO_KEY = "outbox-demo:"  # the idempotency-key prefix of every row the demo wr
 _OUTBOX_TABLES = {*metadata.tables, db.VERSION_TABLE}
 
 
-def run_demo(database_url: str, transport: str = "tracker") -> int:
+def run_demo(database_url: str, transport: str) -> int:
     url = db.normalize_url(database_url)
     _take_over(url)
     engine = db.create_engine(url)
