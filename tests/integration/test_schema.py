@@ -22,11 +22,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from tests.conftest import rows, run_cli
+from tests.conftest import REPO, rows, run_cli
 from worker import db
 from worker.schema import metadata, outbox_events
-
-REPO = Path(__file__).resolve().parents[1]
 
 DEAD_LETTER_COLUMNS = {
     "id",

@@ -31,13 +31,13 @@ from flask.testing import FlaskClient
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.conftest import deliver, rows
+from tests.conftest import REPO, deliver, rows
 from tests.endpoint import Endpoint
 from tests.pgserver import find_bin_dir, free_port
 from worker import InvalidEvent, db
 from worker import asyncio as outbox_async
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 ORDER = {"email": "jane@example.com", "product": "Wrist watch", "price": "50.00"}
 SIGNUP = {"email": "jane@example.com", "plan": "pro"}
 

@@ -853,7 +853,7 @@ def judge_deliver_after(value: Any) -> int:
     if isinstance(value, (int, float)):  # seconds, as JSON Lines give them
         return OK if 0 <= value <= MAX_DURATION.total_seconds() else BAD  # NaN: BAD
     if isinstance(value, str):
-        return MAYBE  # a duration or a timestamp: tests/test_when.py says which
+        return MAYBE  # a duration or a timestamp: tests/unit/test_when.py says which
     return BAD
 
 

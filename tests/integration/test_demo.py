@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import run_cli
-from tests.test_cli import cli, cli_in, status_counts
+from tests.integration.test_cli import cli, cli_in, status_counts
 
 
 def one_line_refusal(result) -> str:
