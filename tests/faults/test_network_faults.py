@@ -32,6 +32,8 @@ from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.policy import RetryBudget
 from worker.schema import outbox_attempts, outbox_events
 
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
+
 TIMEOUT = 0.5  # the request timeout the daemon gets here: blackhole and trickle cost this
 # A first retry 0.5 to 1 s after a failure: long enough that a drained run
 # never retries, short enough to wait out.

@@ -811,6 +811,7 @@ SIGNALS = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.slow  # answers take 1.5 s
 @pytest.mark.parametrize(
     ("backend", "signum"),
     [("sqlite", signal.SIGTERM), ("postgresql", signal.SIGTERM), ("sqlite", signal.SIGINT)],
@@ -841,6 +842,7 @@ def test_signal_lets_requests_in_flight_finish_records_them_and_exits_0(
     assert {(r.status, r.attempts) for r in rows if r.email not in in_flight} == {("pending", 0)}
 
 
+@pytest.mark.slow  # answers take 6 s
 @SIGNALS
 def test_rows_unanswered_by_the_shutdown_timeout_go_back_to_pending_at_once(
     sqlite_url, endpoint, signum

@@ -635,6 +635,7 @@ def _cpu_seconds_while_running(engine: sa.Engine, endpoint: Endpoint, seconds: f
         return time.process_time() - started
 
 
+@pytest.mark.slow  # 2.5 s of waiting, by design
 @pytest.mark.parametrize(
     "reply",
     [

@@ -427,6 +427,7 @@ def test_the_readmes_install_brings_every_extra_it_names() -> None:
     assert any(req.startswith("uvicorn") for req in wanted), wanted
 
 
+@pytest.mark.slow  # a uvicorn subprocess
 def test_the_fastapi_example_serves_with_the_readmes_uvicorn_command(tmp_path: Path) -> None:
     # The README's own lines, run from a folder laid out like the repository root.
     (tmp_path / "examples").symlink_to(EXAMPLES)

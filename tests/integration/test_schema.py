@@ -346,6 +346,7 @@ def _copy_project(target: Path) -> Path:
 
 
 # Slow: builds and installs a wheel, a few seconds.
+@pytest.mark.slow  # builds and installs a wheel
 def test_migrations_travel_with_the_installed_wheel(tmp_path):
     source = _copy_project(tmp_path / "src")
     wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
