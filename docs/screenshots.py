@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.console_server import ConsoleProcess  # noqa: E402
-from tests.test_console_browser import start_chromium  # noqa: E402
+from tests.integration.test_console_browser import start_chromium  # noqa: E402
 
 SHOTS = {
     "console-overview.png": "",

@@ -1,4 +1,5 @@
-"""Daemons as real subprocesses, and what the test endpoint saw of them.
+"""Daemons as real subprocesses or on a thread of the test, waiting, and what the
+test endpoint saw of them.
 
 Every event `enqueue` commits carries a unique marker (its `eventdata.id`), so
 what reached the endpoint is read from the bodies it received, not from the
@@ -15,21 +16,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import requests
 import sqlalchemy as sa
 
-from tests.conftest import KEY
+from tests.conftest import KEY, fast_settings
 from tests.endpoint import Endpoint, Received, data_of, events_in
 from worker import track_events
+from worker.daemon import build_daemon
+from worker.telemetry import Telemetry, TelemetryServer
 
 _markers = itertools.count(1)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `condition` until it is true; return its value, or fail naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -159,3 +166,71 @@ class DaemonProcess:
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)
+
+
+class RunningDaemon:
+    """The real daemon (build_daemon) on a daemon thread of this process.
+
+    It keeps running when drained unless told otherwise (exit_when_drained=True);
+    stop() asks it to stop, joins it and returns its exit code, and fails if it
+    did not stop or crashed. With serve_telemetry, its telemetry is served on a
+    free port: get(path), metric(name).
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        endpoint_url: str,
+        *,
+        serve_telemetry: bool = False,
+        **overrides: Any,
+    ) -> None:
+        overrides.setdefault("exit_when_drained", False)
+        url = engine.url.render_as_string(hide_password=False)
+        settings = fast_settings(url, endpoint_url, **overrides)
+        self.telemetry = Telemetry()
+        self.server = (
+            TelemetryServer(self.telemetry, 0, "127.0.0.1").start() if serve_telemetry else None
+        )
+        self.daemon = build_daemon(settings, engine=engine, telemetry=self.telemetry)
+        self.exit_code: int | None = None
+        self.crash: str | None = None
+        self.thread = threading.Thread(target=self._run, name="daemon-under-test", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.exit_code = self.daemon.run()
+        except BaseException:
+            self.crash = traceback.format_exc()
+
+    def get(self, path: str) -> requests.Response:
+        assert self.server is not None, "started without serve_telemetry"
+        return requests.get(f"http://127.0.0.1:{self.server.port}{path}", timeout=5)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(f"{name}{labels} ") or line.startswith(f"{name}{{{labels}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """Stop (again, harmlessly) and join; the exit code."""
+        self.daemon.stop()
+        self.thread.join(timeout)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        assert not self.thread.is_alive(), "the daemon did not stop"
+        assert self.crash is None, f"the daemon crashed:\n{self.crash}"
+        return self.exit_code
+
+
+@contextlib.contextmanager
+def running(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> Iterator[RunningDaemon]:
+    """A RunningDaemon for the block, stopped at its end."""
+    daemon = RunningDaemon(engine, endpoint_url, **overrides)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

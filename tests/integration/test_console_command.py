@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KEY, run_cli
+from tests.conftest import KEY, REPO, run_cli
 from tests.console_server import Browserless, ConsoleProcess
-from tests.test_cli import assert_one_line_error
-from tests.test_console import text_of
-from tests.test_store import add, make_dead, row
+from tests.integration.test_cli import assert_one_line_error
+from tests.integration.test_console import text_of
+from tests.integration.test_store import add, make_dead, row
 from worker import db
 
 TOKEN = "console-token-0123456789abcdef"
@@ -166,9 +166,8 @@ def test_the_wheel_ships_the_consoles_templates_and_script(tmp_path):
     import sys
     import zipfile
 
-    source = Path(__file__).resolve().parent.parent
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
         check=True,
         capture_output=True,
     )

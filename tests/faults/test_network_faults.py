@@ -23,14 +23,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import KEY, deliver, fast_settings, rows
+from tests.conftest import KEY, deliver, rows
+from tests.daemons import running, wait_until
 from tests.endpoint import Endpoint, Reply
 from tests.faultproxy import FaultProxy, Mode
 from worker import db, track_events
-from worker.daemon import Daemon, build_daemon
 from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.policy import RetryBudget
 from worker.schema import outbox_attempts, outbox_events
+
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
 
 TIMEOUT = 0.5  # the request timeout the daemon gets here: blackhole and trickle cost this
 # A first retry 0.5 to 1 s after a failure: long enough that a drained run
@@ -101,13 +103,6 @@ def _statuses(engine: sa.Engine) -> list[str]:
     return [r.status for r in rows(engine)]
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 def _deliver_all(engine: sa.Engine, url: str, timeout: float = 15.0, **overrides: Any) -> None:
     """Drained runs of the daemon, again and again, until every row is delivered."""
 
@@ -115,24 +110,7 @@ def _deliver_all(engine: sa.Engine, url: str, timeout: float = 15.0, **overrides
         deliver(engine, url, **overrides)
         return set(_statuses(engine)) == {"delivered"}
 
-    _wait_until(delivered, timeout)
-
-
-@contextlib.contextmanager
-def _running(engine: sa.Engine, url: str, **overrides: Any) -> Iterator[Daemon]:
-    """The real daemon in a thread of this process, not exiting when drained."""
-    settings = fast_settings(
-        engine.url.render_as_string(hide_password=False), url, exit_when_drained=False, **overrides
-    )
-    daemon = build_daemon(settings, engine=engine)
-    thread = threading.Thread(target=daemon.run, name="daemon-under-test", daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(timeout=15)
-        assert not thread.is_alive(), "the daemon did not stop"
+    wait_until(delivered, timeout, "every row delivered")
 
 
 def _failed_events(engine: sa.Engine) -> int:
@@ -183,10 +161,16 @@ def test_events_sent_during_a_fault_are_all_delivered_once_it_clears(
     events = _events(6)
     _enqueue(sqlite_engine, events)
     proxy.mode = mode
-    with _running(sqlite_engine, proxy.url(endpoint.url), timeout=TIMEOUT):
-        _wait_until(lambda: _failed_events(sqlite_engine) == len(events))
+    with running(sqlite_engine, proxy.url(endpoint.url), timeout=TIMEOUT):
+        wait_until(
+            lambda: _failed_events(sqlite_engine) == len(events),
+            15,
+            "an attempt failed for every event",
+        )
         proxy.mode = "pass"
-        _wait_until(lambda: set(_statuses(sqlite_engine)) == {"delivered"})
+        wait_until(
+            lambda: set(_statuses(sqlite_engine)) == {"delivered"}, 15, "every row delivered"
+        )
     received = _canonical(endpoint.events())
     if mode == "trickle":  # the endpoint answered the trickled attempts too: duplicates
         received = sorted(set(received))
@@ -202,10 +186,14 @@ def test_no_event_is_lost_to_connection_resets(
         events = _events(8)
         _enqueue(engine, events)
         proxy.mode = "reset"
-        with _running(engine, proxy.url(endpoint.url), timeout=TIMEOUT):
-            _wait_until(lambda: _failed_events(engine) == len(events))
+        with running(engine, proxy.url(endpoint.url), timeout=TIMEOUT):
+            wait_until(
+                lambda: _failed_events(engine) == len(events),
+                15,
+                "an attempt failed for every event",
+            )
             proxy.mode = "pass"
-            _wait_until(lambda: set(_statuses(engine)) == {"delivered"})
+            wait_until(lambda: set(_statuses(engine)) == {"delivered"}, 15, "every row delivered")
         assert _canonical(endpoint.events()) == _canonical(events)
     finally:
         engine.dispose()
@@ -217,10 +205,12 @@ def test_contact_order_survives_a_fault(
     events = _events(4, contact="jane@example.com")
     _enqueue(sqlite_engine, events)
     proxy.mode = "reset"
-    with _running(sqlite_engine, proxy.url(endpoint.url), timeout=TIMEOUT):
-        _wait_until(lambda: len(_attempts(sqlite_engine)) >= 2)
+    with running(sqlite_engine, proxy.url(endpoint.url), timeout=TIMEOUT):
+        wait_until(lambda: len(_attempts(sqlite_engine)) >= 2, 15, "two failed attempts")
         proxy.mode = "pass"
-        _wait_until(lambda: set(_statuses(sqlite_engine)) == {"delivered"})
+        wait_until(
+            lambda: set(_statuses(sqlite_engine)) == {"delivered"}, 15, "every row delivered"
+        )
     assert [e["properties"]["N"] for e in endpoint.events()] == [0, 1, 2, 3]
 
 

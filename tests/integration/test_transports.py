@@ -290,6 +290,7 @@ def test_the_key_never_reaches_the_log_or_the_database(engine, endpoint, transpo
 # -- crashes ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two daemon subprocesses, 300 events
 def test_a_killed_daemon_loses_nothing(engine, endpoint, transport, spawn):
     url = engine.url.render_as_string(hide_password=False)
     markers = enqueue(engine, 300, contacts=40)

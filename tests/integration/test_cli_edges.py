@@ -14,7 +14,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import KEY, run_cli
-from tests.test_cli import (
+from tests.integration.test_cli import (
     FAST_RUN,
     assert_one_line_error,
     clean_env,

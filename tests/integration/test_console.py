@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from tests.test_store import add, attempt_rows, make_dead, make_delivered, row, set_row
+from tests.integration.test_store import add, attempt_rows, make_dead, make_delivered, row, set_row
 from worker.console.app import create_app
 from worker.console.context import ConsoleOptions
 from worker.event import from_stored

@@ -9,24 +9,21 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from tests.conftest import KEY, fast_settings, rows, run_cli
+from tests.conftest import KEY, rows, run_cli
+from tests.daemons import RunningDaemon, wait_until
 from tests.endpoint import Endpoint, Reply
 from worker import track_event
-from worker.daemon import build_daemon
 from worker.maintenance import Maintenance
 from worker.output import LogFormatter
 from worker.store import OutboxStore
-from worker.telemetry import Telemetry, TelemetryServer
+from worker.telemetry import Telemetry
 
 
 def _enqueue(engine: sa.Engine, *events: tuple[str, str]) -> None:
@@ -35,48 +32,13 @@ def _enqueue(engine: sa.Engine, *events: tuple[str, str]) -> None:
             track_event(session, email=email, event=name)
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-class RunningDaemon:
-    """The real daemon on a thread, with its telemetry served on a free port."""
-
-    def __init__(self, engine: sa.Engine, endpoint: Endpoint, **overrides: Any) -> None:
-        settings = fast_settings(
-            str(engine.url), endpoint.url, exit_when_drained=False, **overrides
-        )
-        self.telemetry = Telemetry()
-        self.server = TelemetryServer(self.telemetry, 0, "127.0.0.1").start()
-        self.daemon = build_daemon(settings, engine=engine, telemetry=self.telemetry)
-        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
-        self.thread.start()
-
-    def get(self, path: str) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.server.port}{path}", timeout=5)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith(f"{name}{labels} ") or line.startswith(f"{name}{{{labels}}} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(15)
-        self.server.stop()
-
-
 @pytest.fixture
 def running(engine: sa.Engine, endpoint: Endpoint) -> Iterator[Any]:
+    """Start daemons with their telemetry served; whatever still runs at the end is stopped."""
     started: list[RunningDaemon] = []
 
     def start(**overrides: Any) -> RunningDaemon:
-        started.append(RunningDaemon(engine, endpoint, **overrides))
+        started.append(RunningDaemon(engine, endpoint.url, serve_telemetry=True, **overrides))
         return started[-1]
 
     yield start
@@ -91,8 +53,14 @@ def test_metrics_count_outcomes_by_status_code(engine, endpoint, running):
         engine, ("a@example.com", "fine"), ("b@example.com", "refused"), ("c@example.com", "flaky")
     )
     daemon = running()
-    _wait_for(lambda: [r.status for r in rows(engine)] == ["delivered", "dead", "delivered"])
-    _wait_for(lambda: daemon.metric("outbox_events_delivered_total") == 2)
+    wait_until(
+        lambda: [r.status for r in rows(engine)] == ["delivered", "dead", "delivered"],
+        10,
+        "the three outcomes",
+    )
+    wait_until(
+        lambda: daemon.metric("outbox_events_delivered_total") == 2, 10, "two deliveries counted"
+    )
     assert daemon.metric("outbox_events_dead_total", 'status_code="400"') == 1
     assert daemon.metric("outbox_events_retried_total", 'status_code="503"') == 1
     assert daemon.metric("outbox_request_duration_seconds_count") == 4
@@ -101,7 +69,7 @@ def test_metrics_count_outcomes_by_status_code(engine, endpoint, running):
 
 def test_probes_say_live_and_ready_while_delivering(engine, endpoint, running):
     daemon = running()
-    _wait_for(lambda: daemon.get("/readyz").status_code == 200)
+    wait_until(lambda: daemon.get("/readyz").status_code == 200, 10, "ready")
     assert daemon.get("/livez").status_code == 200
     assert daemon.get("/nothing").status_code == 404
 
@@ -110,22 +78,22 @@ def test_a_halt_shows_in_metrics_readiness_and_stats_then_clears(engine, endpoin
     endpoint.default = Reply(401, b'{"code":"unauthorized","message":"Key not found"}')
     _enqueue(engine, ("a@example.com", "signed_up"))
     daemon = running()
-    _wait_for(lambda: "halted" in daemon.get("/readyz").text)
+    wait_until(lambda: "halted" in daemon.get("/readyz").text, 10, "halted in /readyz")
     assert daemon.get("/readyz").status_code == 503
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 1
-    _wait_for(lambda: OutboxStore(engine).stats().halted)
+    wait_until(lambda: OutboxStore(engine).stats().halted, 10, "the halt in stats")
     assert "401" in OutboxStore(engine).stats().halted[0].halted_reason
 
     endpoint.default = Reply(204)  # the key is fixed: the probe finds out by itself
-    _wait_for(lambda: [r.status for r in rows(engine)] == ["delivered"])
-    _wait_for(lambda: daemon.get("/readyz").status_code == 200)
+    wait_until(lambda: [r.status for r in rows(engine)] == ["delivered"], 10, "the row delivered")
+    wait_until(lambda: daemon.get("/readyz").status_code == 200, 10, "ready")
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 0
-    _wait_for(lambda: not OutboxStore(engine).stats().halted)
+    wait_until(lambda: not OutboxStore(engine).stats().halted, 10, "the halt cleared from stats")
 
 
 def test_a_running_daemon_is_listed_in_stats_and_forgotten_when_it_stops(engine, endpoint, running):
     daemon = running()
-    _wait_for(lambda: len(OutboxStore(engine).stats().daemons) == 1)
+    wait_until(lambda: len(OutboxStore(engine).stats().daemons) == 1, 10, "the daemon in stats")
     daemon.stop()
     assert OutboxStore(engine).stats().daemons == []
 
@@ -167,9 +135,13 @@ def test_maintenance_prunes_delivered_rows_past_retention_and_keeps_the_rest(eng
 def test_the_daemon_prunes_by_itself(engine, endpoint, running):
     _enqueue(engine, ("a@example.com", "x"), ("b@example.com", "y"))
     daemon = running(lease=2.0, timeout=1.0)
-    _wait_for(lambda: len([r for r in rows(engine) if r.status == "delivered"]) == 2)
+    wait_until(
+        lambda: len([r for r in rows(engine) if r.status == "delivered"]) == 2,
+        10,
+        "both rows delivered",
+    )
     _backdate_delivered(engine, days=8)
-    _wait_for(lambda: rows(engine) == [], timeout=15)
+    wait_until(lambda: rows(engine) == [], 15, "the delivered rows pruned")
     assert daemon.thread.is_alive()
 
 

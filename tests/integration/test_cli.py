@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tests.conftest import KEY, SAMPLE_EVENTS, deliver, run_cli
+from tests.daemons import wait_until
 from tests.endpoint import Endpoint, Reply
 from tests.pgserver import free_port
 from worker import db, track_events
@@ -162,13 +163,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def utcnow() -> dt.datetime:
@@ -817,6 +811,7 @@ SIGNALS = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.slow  # answers take 1.5 s
 @pytest.mark.parametrize(
     ("backend", "signum"),
     [("sqlite", signal.SIGTERM), ("postgresql", signal.SIGTERM), ("sqlite", signal.SIGINT)],
@@ -830,7 +825,7 @@ def test_signal_lets_requests_in_flight_finish_records_them_and_exits_0(
     enqueue_contacts(db_url, 6)
     proc = start_daemon(db_url, endpoint.url, "--concurrency", "2")
     try:
-        wait_for(lambda: len(endpoint.requests) >= 2)
+        wait_until(lambda: len(endpoint.requests) >= 2, 10, "two requests in flight")
         in_flight = {json.loads(r.raw)["email"] for r in endpoint.requests}
         proc.send_signal(signum)
         signalled = time.monotonic()
@@ -847,6 +842,7 @@ def test_signal_lets_requests_in_flight_finish_records_them_and_exits_0(
     assert {(r.status, r.attempts) for r in rows if r.email not in in_flight} == {("pending", 0)}
 
 
+@pytest.mark.slow  # answers take 6 s
 @SIGNALS
 def test_rows_unanswered_by_the_shutdown_timeout_go_back_to_pending_at_once(
     sqlite_url, endpoint, signum
@@ -856,7 +852,7 @@ def test_rows_unanswered_by_the_shutdown_timeout_go_back_to_pending_at_once(
     enqueue_contacts(sqlite_url, 4)
     proc = start_daemon(sqlite_url, endpoint.url, "--shutdown-timeout", "1")
     try:
-        wait_for(lambda: len(endpoint.requests) >= 4)
+        wait_until(lambda: len(endpoint.requests) >= 4, 10, "four requests in flight")
         proc.send_signal(signum)
         signalled = time.monotonic()
         _, stderr = proc.communicate(timeout=15)

@@ -12,21 +12,20 @@ import argparse
 import json
 import re
 import shlex
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from worker.cli import _parser
 from worker.when import parse_duration
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text(encoding="utf-8"))
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 BUILT = sorted(name for name, service in SERVICES.items() if "build" in service)
-DOCKERFILE = ROOT / "Dockerfile"
+DOCKERFILE = REPO / "Dockerfile"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

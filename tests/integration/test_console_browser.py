@@ -21,7 +21,7 @@ from tests.conftest import deliver
 from tests.console_server import ConsoleProcess
 from tests.daemons import wait_until
 from tests.endpoint import Endpoint, Reply
-from tests.test_store import add, row
+from tests.integration.test_store import add, row
 from worker import db
 
 CHROMIUM = os.environ.get("OUTBOX_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -53,6 +53,8 @@ from tests.pgserver import PostgresServer
 from worker import db
 from worker.store import OutboxStore
 
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
+
 SOAK = os.environ.get("OUTBOX_SOAK") == "1"
 SEED = int(os.environ.get("OUTBOX_SOAK_SEED") or time.time_ns() % 1_000_000)
 

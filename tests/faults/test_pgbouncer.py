@@ -26,6 +26,8 @@ from tests.pgserver import PostgresServer, free_port
 from worker import db, track_events
 from worker.store import OutboxStore
 
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
+
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 

@@ -1,6 +1,6 @@
 """--rate-limit: its syntax and presets, the send gate's slots, and the slots shared
 through PostgreSQL (two gates on one database stand for two daemons here; the
-daemons themselves are in test_shared_rate_limit.py).
+daemons themselves are in tests/faults/test_shared_rate_limit.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tests.conftest import KEY, fast_settings, run_cli
 from tests.endpoint import Reply
-from tests.test_cli import assert_one_line_error
+from tests.integration.test_cli import assert_one_line_error
 from worker import db, track_events
 from worker.config import Settings, SettingsError
 from worker.daemon import build_daemon

@@ -31,13 +31,13 @@ from flask.testing import FlaskClient
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.conftest import deliver, rows
+from tests.conftest import REPO, deliver, rows
 from tests.endpoint import Endpoint
 from tests.pgserver import find_bin_dir, free_port
 from worker import InvalidEvent, db
 from worker import asyncio as outbox_async
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 ORDER = {"email": "jane@example.com", "product": "Wrist watch", "price": "50.00"}
 SIGNUP = {"email": "jane@example.com", "plan": "pro"}
 
@@ -427,6 +427,7 @@ def test_the_readmes_install_brings_every_extra_it_names() -> None:
     assert any(req.startswith("uvicorn") for req in wanted), wanted
 
 
+@pytest.mark.slow  # a uvicorn subprocess
 def test_the_fastapi_example_serves_with_the_readmes_uvicorn_command(tmp_path: Path) -> None:
     # The README's own lines, run from a folder laid out like the repository root.
     (tmp_path / "examples").symlink_to(EXAMPLES)

@@ -16,9 +16,11 @@ import pytest
 
 from tests.daemons import DaemonProcess, enqueue, status_counts, wait_until
 from tests.endpoint import Endpoint, Received, Reply
-from tests.test_pgbouncer import bouncer  # noqa: F401  (the fixture)
+from tests.faults.test_pgbouncer import bouncer  # noqa: F401  (the fixture)
 from worker.db import create_engine as engine_for
 from worker.ratelimit import parse_rate_limit
+
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
 
 N = 10  # the account's limit, requests per second
 EVENTS = 100  # about ten seconds of work at the limit: a backlog all along

@@ -33,6 +33,8 @@ from tests.daemons import (
 from tests.endpoint import Endpoint, Reply
 from worker.db import create_engine as engine_for
 
+pytestmark = pytest.mark.slow  # a fault module: real crashes, outages, proxies or daemon fleets
+
 # Leases far shorter than the waits below: a claim that is not kept alive expires.
 SHORT_LEASE = ("--lease", "2", "--timeout", "1", "--poll-interval", "0.1")
 

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from tests.conftest import run_cli
@@ -56,6 +57,7 @@ def test_without_a_wal_index_to_map_the_watcher_reads_data_version_at_every_tick
         watcher.join(5)
 
 
+@pytest.mark.slow  # a daemon subprocess
 def test_a_daemon_polling_hourly_on_sqlite_delivers_a_commit(sqlite_url, endpoint, spawn):
     daemon = spawn(sqlite_url, endpoint.url, "--poll-interval", NEVER)
     engine = db.create_engine(sqlite_url)
@@ -74,6 +76,7 @@ def test_a_daemon_polling_hourly_on_sqlite_delivers_a_commit(sqlite_url, endpoin
     assert "wake-ups off" not in daemon.log()
 
 
+@pytest.mark.slow  # a daemon subprocess
 def test_a_daemon_polling_hourly_on_sqlite_delivers_a_requeued_event(sqlite_url, endpoint, spawn):
     engine = db.create_engine(sqlite_url)
     with engine.begin() as conn:

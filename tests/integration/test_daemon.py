@@ -8,20 +8,17 @@ import datetime as dt
 import itertools
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import KEY, SAMPLE_EVENTS, deliver, fast_settings, rows
+from tests.conftest import KEY, SAMPLE_EVENTS, deliver, rows
+from tests.daemons import running, wait_until
 from tests.endpoint import Endpoint, Reply
 from tests.pgserver import free_port
 from worker import track_event, track_events
-from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.schema import outbox_events
 
@@ -85,16 +82,6 @@ def names(endpoint: Endpoint) -> list[str]:
     return [body["event"] for body in endpoint.events()]
 
 
-def wait_until(
-    condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def deliver_all(
     engine: sa.Engine, endpoint_url: str, within: float = 15.0, **overrides: Any
 ) -> list[int]:
@@ -104,45 +91,13 @@ def deliver_all(
     the next run sends it. Returns every run's exit code.
     """
     codes = []
-    deadline = time.monotonic() + within
-    while True:
+
+    def drained() -> bool:
         codes.append(deliver(engine, endpoint_url, **overrides))
-        if not {"pending", "in_flight"} & set(statuses(engine)):
-            return codes
-        if time.monotonic() > deadline:
-            raise AssertionError(f"rows still open after {within}s: {statuses(engine)}")
-        time.sleep(0.05)
+        return not {"pending", "in_flight"} & set(statuses(engine))
 
-
-class Running:
-    """The real daemon in a thread, without exit_when_drained; stop() returns its exit code."""
-
-    def __init__(self, engine: sa.Engine, endpoint_url: str, **overrides: Any) -> None:
-        settings = fast_settings(
-            str(engine.url), endpoint_url, exit_when_drained=False, **overrides
-        )
-        self.daemon = build_daemon(settings, engine=engine)
-        self.exit_code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.exit_code = self.daemon.run()
-
-    def stop(self) -> int | None:
-        self.daemon.stop()
-        self.thread.join(20)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        return self.exit_code
-
-
-@contextmanager
-def running(engine: sa.Engine, endpoint_url: str, **overrides: Any) -> Iterator[Running]:
-    daemon = Running(engine, endpoint_url, **overrides)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+    wait_until(drained, within, "no row pending or in flight")
+    return codes
 
 
 # -- outcomes, one class at a time ---------------------------------------------------
@@ -350,13 +305,14 @@ def test_halted_delivery_resumes_by_itself_when_the_endpoint_recovers(engine, en
                 len(endpoint.requests) >= 2
                 and endpoint.requests[-1].at - endpoint.requests[0].at > 0.3
             ),
-            what="probes while halted",
+            20,
+            "probes while halted",
         )
         assert "delivered" not in statuses(engine)
         assert [r.attempts for r in rows(engine)] == [0] * 5
 
         endpoint.default = Reply(204)
-        wait_until(lambda: statuses(engine) == ["delivered"] * 5, what="every row delivered")
+        wait_until(lambda: statuses(engine) == ["delivered"] * 5, 20, "every row delivered")
         assert daemon.stop() == 0
 
     assert [r.attempts for r in rows(engine)] == [1] * 5
@@ -462,7 +418,8 @@ def test_a_failing_event_blocks_only_its_own_contact(engine, endpoint):
     with running(engine, endpoint.url, budget=budget, concurrency=8):
         wait_until(
             lambda: _delivered_others(engine) == 200 and _attempts(engine, "stuck_1") >= 2,
-            what="the 200 other events, and stuck_1 failing",
+            20,
+            "the 200 other events, and stuck_1 failing",
         )
         stuck = {r.event: r for r in rows(engine) if r.email.lower() == STUCK.lower()}
 
@@ -481,10 +438,11 @@ def test_a_blocked_contact_is_delivered_in_order_once_it_recovers(engine, endpoi
     with running(engine, endpoint.url, budget=budget, concurrency=8):
         wait_until(
             lambda: _delivered_others(engine) == 200 and _attempts(engine, "stuck_1") >= 2,
-            what="the 200 other events, and stuck_1 failing",
+            20,
+            "the 200 other events, and stuck_1 failing",
         )
         failing.body, failing.status = b"", 204
-        wait_until(lambda: _delivered_others(engine) == 203, what="the stuck contact")
+        wait_until(lambda: _delivered_others(engine) == 203, 20, "the stuck contact")
 
     stuck_names = [n for n in names(endpoint) if n.startswith("stuck_")]
     assert stuck_names[-2:] == ["stuck_2", "stuck_3"]
@@ -670,25 +628,14 @@ def test_rate_limit_spaces_requests(engine, endpoint):
 
 def _cpu_seconds_while_running(engine: sa.Engine, endpoint: Endpoint, seconds: float) -> float:
     """CPU this process spends while a daemon (not draining) sits for `seconds`."""
-    settings = fast_settings(
-        engine.url.render_as_string(hide_password=False),
-        endpoint.url,
-        exit_when_drained=False,
-        halt_probe_interval=30.0,
-        poll_interval=1.0,
-    )
-    daemon = build_daemon(settings, engine=engine)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    time.sleep(0.5)  # the first answer has come back by now
-    started = time.process_time()
-    time.sleep(seconds)
-    used = time.process_time() - started
-    daemon.stop()
-    thread.join(10)
-    return used
+    with running(engine, endpoint.url, halt_probe_interval=30.0, poll_interval=1.0):
+        time.sleep(0.5)  # the first answer has come back by now
+        started = time.process_time()
+        time.sleep(seconds)
+        return time.process_time() - started
 
 
+@pytest.mark.slow  # 2.5 s of waiting, by design
 @pytest.mark.parametrize(
     "reply",
     [

@@ -14,8 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
-from tests.test_cli import cli, cli_in, status_counts
+from tests.integration.test_cli import cli, cli_in, status_counts
+
+pytestmark = pytest.mark.slow  # each test runs the demo in a subprocess
 
 
 def one_line_refusal(result) -> str:

@@ -3,7 +3,8 @@
 A user's clone has no folder beside it, so a test that opens `../something`
 passes here and fails there. conftest installs an audit hook that refuses any
 open of a path next to the repository; these tests prove the guard bites and
-that the sample files it replaced stay in step with the demo's events.
+that the sample files it replaced stay in step with the demo's events. And the
+suite's layout holds: every fault module stays out of the quick loop.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def test_no_test_module_names_a_folder_beside_the_repository() -> None:
     assert offenders == []
 
 
+def test_every_fault_module_is_slow_so_the_quick_loop_leaves_it_out() -> None:
+    unmarked = [
+        path.name
+        for path in (REPO / "tests" / "faults").glob("test_*.py")
+        if "\npytestmark = pytest.mark.slow" not in path.read_text(encoding="utf-8")
+    ]
+    assert unmarked == []
+
+
 def test_valid_samples_are_the_demos_own_events() -> None:
     def events(path: Path) -> list[object]:
         return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
@@ -56,6 +66,7 @@ def test_valid_samples_are_the_demos_own_events() -> None:
     assert events(SAMPLES / "valid.jsonl") == events(DEMO_EVENTS)
 
 
+@pytest.mark.slow  # a clone and a collection in a subprocess
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
 def test_the_suite_collects_in_a_clone_with_nothing_beside_it(tmp_path: Path) -> None:
     # What a user gets from `git clone`: only the committed files, in a folder of its own.

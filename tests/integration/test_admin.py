@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from tests.conftest import KEY, deliver
 from tests.endpoint import Endpoint, Reply
-from tests.test_cli import (
+from tests.integration.test_cli import (
     FAST_RUN,
     REFUSAL_400,
     assert_one_line_error,
@@ -37,7 +37,7 @@ from tests.test_cli import (
     three_dead,
     utcnow,
 )
-from tests.test_store import (
+from tests.integration.test_store import (
     add,
     attempt_rows,
     claim,

@@ -38,9 +38,7 @@ import operator
 import random
 import re
 import string
-import threading
 import time
-import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
@@ -54,9 +52,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from tests.conftest import fast_settings, run_cli
+from tests.conftest import run_cli
+from tests.daemons import RunningDaemon
 from worker import InvalidEvent, track_event, track_events
-from worker.daemon import build_daemon
 from worker.event import MAX_BODY_BYTES
 from worker.schema import outbox_attempts, outbox_events
 from worker.when import MAX_DURATION
@@ -460,39 +458,23 @@ class _Watch(logging.Handler):
 def drain(engine: sa.Engine, endpoint_url: str, seconds: float = 60.0) -> None:
     """Run the real daemon in a thread until drained: it must exit 0, not raise,
     not stall on a row it cannot read."""
-    url = engine.url.render_as_string(hide_password=False)
-    settings_ = fast_settings(url, endpoint_url)
-    daemon = build_daemon(settings_, engine=engine)
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["code"] = daemon.run()
-        except BaseException:
-            result["error"] = traceback.format_exc()
-
     logger = logging.getLogger("worker.daemon")
     watch = _Watch()
     level = logger.level
     logger.addHandler(watch)
     if not logger.isEnabledFor(logging.WARNING):
         logger.setLevel(logging.WARNING)
-    thread = threading.Thread(target=run, daemon=True)
     try:
-        thread.start()
+        daemon = RunningDaemon(engine, endpoint_url, exit_when_drained=True)
         deadline = time.monotonic() + seconds
-        while thread.is_alive() and watch.stalled is None and time.monotonic() < deadline:
-            thread.join(0.02)
-        if thread.is_alive():
-            daemon.stop()
-            thread.join(30)
+        while daemon.thread.is_alive() and watch.stalled is None and time.monotonic() < deadline:
+            daemon.thread.join(0.02)
+        code = daemon.stop(timeout=30)
     finally:
         logger.removeHandler(watch)
         logger.setLevel(level)
     assert watch.stalled is None, f"the daemon stalled on a database error: {watch.stalled}"
-    assert not thread.is_alive(), "the daemon did not stop"
-    assert "error" not in result, f"the daemon crashed:\n{result.get('error')}"
-    assert result.get("code") == 0, f"the daemon did not drain (exit {result.get('code')})"
+    assert code == 0, f"the daemon did not drain (exit {code})"
 
 
 def sent_bodies(endpoint: Any, since: int) -> list[str]:
@@ -853,7 +835,7 @@ def judge_deliver_after(value: Any) -> int:
     if isinstance(value, (int, float)):  # seconds, as JSON Lines give them
         return OK if 0 <= value <= MAX_DURATION.total_seconds() else BAD  # NaN: BAD
     if isinstance(value, str):
-        return MAYBE  # a duration or a timestamp: tests/test_when.py says which
+        return MAYBE  # a duration or a timestamp: tests/unit/test_when.py says which
     return BAD
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.test_schema import DEAD_LETTER_COLUMNS
+from tests.integration.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
 from worker.backends.sql import utcnow
 from worker.output import print_stats

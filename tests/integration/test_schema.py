@@ -22,11 +22,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from tests.conftest import rows, run_cli
+from tests.conftest import REPO, rows, run_cli
 from worker import db
 from worker.schema import metadata, outbox_events
-
-REPO = Path(__file__).resolve().parents[1]
 
 DEAD_LETTER_COLUMNS = {
     "id",
@@ -348,6 +346,7 @@ def _copy_project(target: Path) -> Path:
 
 
 # Slow: builds and installs a wheel, a few seconds.
+@pytest.mark.slow  # builds and installs a wheel
 def test_migrations_travel_with_the_installed_wheel(tmp_path):
     source = _copy_project(tmp_path / "src")
     wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
