@@ -293,12 +293,10 @@ def test_record_dead_charged_counts_the_attempt_and_keeps_the_reason(engine, sto
     ]
 
 
-def test_record_dead_uncharged_spends_no_attempt_and_writes_no_attempt_row(engine, store):
+def test_record_rejected_is_dead_but_spends_no_attempt_and_writes_no_attempt_row(engine, store):
     (event_id,) = add(engine, "a@x.com")
     c = claim_one(store, event_id)
-    store.record(
-        [Record(c, Outcome(Action.DEAD, None, "invalid event: email: bad", charged=False))]
-    )
+    store.record([Record(c, Outcome(Action.REJECTED, None, "invalid event: email: bad"))])
 
     r = row(engine, event_id)
     assert r.status == "dead"
@@ -309,11 +307,17 @@ def test_record_dead_uncharged_spends_no_attempt_and_writes_no_attempt_row(engin
     assert attempt_rows(engine, event_id) == []
 
 
-def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(engine, store):
+RELEASES = [Action.HALT, Action.THROTTLE, Action.UNSENT]
+
+
+@pytest.mark.parametrize("action", RELEASES, ids=lambda a: a.value)
+def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(
+    engine, store, action
+):
     (event_id,) = add(engine, "a@x.com")
     set_row(engine, event_id, attempts=2)
     c = claim_one(store, event_id)
-    store.record([Record(c, Outcome(Action.RELEASE, 401, "HTTP 401 unauthorized", charged=False))])
+    store.record([Record(c, Outcome(action, 401, "HTTP 401 unauthorized"))])
 
     r = row(engine, event_id)
     assert r.status == "pending"
@@ -323,6 +327,33 @@ def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(e
     assert ids_of(claim(store, token="t2")) == [event_id]
 
 
+@pytest.mark.parametrize("action", RELEASES, ids=lambda a: a.value)
+def test_a_released_row_without_an_answer_keeps_the_one_that_stopped_it_before(
+    engine, store, action
+):
+    (event_id,) = add(engine, "a@x.com")
+    set_row(engine, event_id, attempts=1, last_status_code=503, last_error="HTTP 503 busy")
+    c = claim_one(store, event_id)
+    store.record([Record(c, Outcome(action))])
+
+    r = row(engine, event_id)
+    assert (r.status, r.attempts, r.last_status_code, r.last_error) == (
+        "pending",
+        1,
+        503,
+        "HTTP 503 busy",
+    )
+
+
+def test_a_throttled_row_is_due_again_after_its_pause(engine, store):
+    (event_id,) = add(engine, "a@x.com")
+    c = claim_one(store, event_id)
+    store.record([Record(c, Outcome(Action.THROTTLE, 429, "HTTP 429 slow down", 60.0))])
+
+    assert row(engine, event_id).next_attempt_at > now() + dt.timedelta(seconds=45)
+    assert claim(store, token="t2") == []
+
+
 def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, store):
     ids = add(engine, *(f"c{n}@x.com" for n in range(5)))
     by_id = {c.id: c for c in claim(store)}
@@ -330,8 +361,8 @@ def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, s
         Outcome(Action.DELIVERED, 204),
         Outcome(Action.RETRY, 500, "HTTP 500 boom", 0.0),
         Outcome(Action.DEAD, 422, "HTTP 422 nope"),
-        Outcome(Action.DEAD, None, "invalid event: event: must not be empty", charged=False),
-        Outcome(Action.RELEASE, 429, "HTTP 429 slow down", 1.0, charged=False),
+        Outcome(Action.REJECTED, None, "invalid event: event: must not be empty"),
+        Outcome(Action.THROTTLE, 429, "HTTP 429 slow down", 1.0),
     ]
     store.record([Record(by_id[i], o) for i, o in zip(ids, outcomes, strict=True)])
 
@@ -355,7 +386,10 @@ def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, s
         Outcome(Action.DELIVERED, 204),
         Outcome(Action.RETRY, 503, "HTTP 503 late", 60.0),
         Outcome(Action.DEAD, 400, "HTTP 400 late"),
-        Outcome(Action.RELEASE, None, None, charged=False),
+        Outcome(Action.REJECTED, None, "invalid event: late"),
+        Outcome(Action.HALT, 401, "HTTP 401 late"),
+        Outcome(Action.THROTTLE, 429, "HTTP 429 late", 60.0),
+        Outcome(Action.UNSENT),
     ],
     ids=lambda o: o.action.value,
 )

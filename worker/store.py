@@ -166,21 +166,12 @@ def _claim_statement(contact_order: bool) -> sa.Update:
 
 _CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
-# What each outcome writes, as (status, charged attempts): a RETRY and a
-# RELEASE are both pending again, told apart by whether an attempt was spent.
-_STATUS = {
-    Action.DELIVERED: "delivered",
-    Action.RETRY: "pending",
-    Action.DEAD: "dead",
-    Action.RELEASE: "pending",
-}
-_OUTCOME_COLUMNS = ("id", "token", "status", "charge", "code", "error", "delay")
+_OUTCOME_COLUMNS = ("id", "token", "action", "code", "error", "delay")
 _ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms")
 _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.BigInteger(),
     "token": sa.String(),
-    "status": sa.String(),
-    "charge": sa.Integer(),
+    "action": sa.String(),
     "code": sa.Integer(),
     "error": sa.Text(),
     "delay": sa.Float(),
@@ -190,31 +181,36 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
 
 
 def _outcome_statement(src: Any) -> sa.Update:
-    """One UPDATE for a batch of outcomes of every kind, reading each row's outcome
+    """One UPDATE for a batch of outcomes of every kind, reading each row's action
     from `src` (bound parameters, or a table of arrays on PostgreSQL).
 
     An outcome only lands on a row still in_flight under the same claim: a late
     answer never overwrites a row that lease rescue gave to another daemon.
     """
-    released = sa.and_(src.status == PENDING, src.charge == 0)  # halt, throttle, shutdown
+    action = src.action
+    delivered = _one_of(action, lambda a: a.status == "delivered")
+    released = _one_of(action, lambda a: a.released)
     return (
         sa.update(e)
         .where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token)
         .values(
-            status=src.status,
-            attempts=e.c.attempts + src.charge,
+            status=sa.case({_constant(a.value): _constant(a.status) for a in Action}, value=action),
+            attempts=e.c.attempts + sa.case((_one_of(action, lambda a: a.charged), 1), else_=0),
             next_attempt_at=sa.case(
-                (src.status == PENDING, seconds_from_now(src.delay)), else_=e.c.next_attempt_at
+                (_one_of(action, lambda a: a.status == "pending"), seconds_from_now(src.delay)),
+                else_=e.c.next_attempt_at,
             ),
-            delivered_at=sa.case((src.status == DELIVERED, utcnow()), else_=e.c.delivered_at),
-            failed_at=sa.case((src.status == DEAD, utcnow()), else_=e.c.failed_at),
+            delivered_at=sa.case((delivered, utcnow()), else_=e.c.delivered_at),
+            failed_at=sa.case(
+                (_one_of(action, lambda a: a.status == "dead"), utcnow()), else_=e.c.failed_at
+            ),
             # A released row keeps the answer that stopped it, so operators see
             # why it waits; any other outcome says what its own attempt got.
             last_status_code=sa.case(
                 (released, sa.func.coalesce(src.code, e.c.last_status_code)), else_=src.code
             ),
             last_error=sa.case(
-                (src.status == DELIVERED, sa.null()),
+                (delivered, sa.null()),
                 (released, sa.func.coalesce(src.error, e.c.last_error)),
                 else_=src.error,
             ),
@@ -222,6 +218,17 @@ def _outcome_statement(src: Any) -> sa.Update:
             lease_expires_at=None,
         )
     )
+
+
+def _one_of(action: Any, which: Callable[[Action], bool]) -> Any:
+    """Whether a row's action (a column of `src`) is one of those `which` picks."""
+    return action.in_([_constant(a.value) for a in Action if which(a)])
+
+
+def _constant(value: str) -> Any:
+    # Spelled into the statement, not bound: a bound IN list is one "expanding"
+    # parameter, which an executemany (a batch on SQLite) cannot bind.
+    return sa.literal_column(f"'{value}'")
 
 
 def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
@@ -297,7 +304,7 @@ class OutboxStore:
         if not records:
             return
         outcomes = [_outcome_row(r) for r in records]
-        attempts = [_attempt_row(r) for r in records if _writes_attempt(r.outcome)]
+        attempts = [_attempt_row(r) for r in records if r.outcome.action.writes_attempt]
         write_outcomes, write_attempts = _WRITE[self.backend.name]
         bind = self.backend.bind
         if not attempts and self.backend.batch_is_one_statement:  # deliveries and releases
@@ -529,11 +536,6 @@ def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) 
     return finished
 
 
-def _writes_attempt(outcome: Outcome) -> bool:
-    # Every charged failure leaves a row; a delivery and an uncharged answer do not.
-    return outcome.charged and outcome.action in (Action.RETRY, Action.DEAD)
-
-
 def _attempt_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
     return (
@@ -548,16 +550,7 @@ def _attempt_row(r: Record) -> tuple[Any, ...]:
 
 def _outcome_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
-    charge = 1 if o.charged and o.action is not Action.RELEASE else 0
-    return (
-        r.event.id,
-        r.event.lease_token,
-        _STATUS[o.action],
-        charge,
-        o.status_code,
-        o.error,
-        o.retry_in,
-    )
+    return (r.event.id, r.event.lease_token, o.action.value, o.status_code, o.error, o.retry_in)
 
 
 def _iso(when: dt.datetime | None) -> str | None:
