@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import KEY, fast_settings, rows, run_cli
 from tests.endpoint import Endpoint, Reply
 from worker import track_event
+from worker.admin_reports import stats
 from worker.daemon import Daemon
 from worker.delivery import Deliverer
 from worker.maintenance import Maintenance
@@ -115,21 +116,21 @@ def test_a_halt_shows_in_metrics_readiness_and_stats_then_clears(engine, endpoin
     _wait_for(lambda: "halted" in daemon.get("/readyz").text)
     assert daemon.get("/readyz").status_code == 503
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 1
-    _wait_for(lambda: OutboxStore(engine).stats().halted)
-    assert "401" in OutboxStore(engine).stats().halted[0].halted_reason
+    _wait_for(lambda: stats(engine).halted)
+    assert "401" in stats(engine).halted[0].halted_reason
 
     endpoint.default = Reply(204)  # the key is fixed: the probe finds out by itself
     _wait_for(lambda: [r.status for r in rows(engine)] == ["delivered"])
     _wait_for(lambda: daemon.get("/readyz").status_code == 200)
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 0
-    _wait_for(lambda: not OutboxStore(engine).stats().halted)
+    _wait_for(lambda: not stats(engine).halted)
 
 
 def test_a_running_daemon_is_listed_in_stats_and_forgotten_when_it_stops(engine, endpoint, running):
     daemon = running()
-    _wait_for(lambda: len(OutboxStore(engine).stats().daemons) == 1)
+    _wait_for(lambda: len(stats(engine).daemons) == 1)
     daemon.stop()
-    assert OutboxStore(engine).stats().daemons == []
+    assert stats(engine).daemons == []
 
 
 def _backdate_delivered(engine: sa.Engine, days: int) -> None:

@@ -1,6 +1,7 @@
 """OutboxStore against real databases (SQLite and PostgreSQL): claiming, recording
-outcomes, lease rescue, pruning and stats, with the rows checked by SQL (the
-operator's requeue, purge and lists are worker.admin's: tests/test_admin.py).
+outcomes, lease rescue, pruning and the heartbeat, with the rows checked by SQL
+(the operator's requeue, purge and lists are worker.admin's: tests/test_admin.py;
+its stats worker.admin_reports': tests/test_admin_reports.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sqlalchemy as sa
 from tests.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
 from worker.backends.sql import utcnow
-from worker.output import print_stats
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_daemons, outbox_events
 from worker.store import _CLAIM, ClaimedEvent, OutboxStore, Record
@@ -477,49 +477,6 @@ def test_prune_keeps_deleting_batch_after_batch_until_done(engine, store):
     assert all(row(engine, i) is None for i in ids)
 
 
-# -- stats ---------------------------------------------------------------------------
-
-
-def test_stats_counts_rows_by_status(engine, store):
-    ids = add(engine, *(f"c{n}@x.com" for n in range(6)))
-    claim_one(store, ids[0])  # claims every row: distinct contacts
-    set_row(engine, ids[1:3], status="pending", lease_token=None, lease_expires_at=None)
-    make_delivered(engine, ids[3])
-    make_dead(engine, ids[4:6])
-
-    assert store.stats().counts == {"pending": 2, "in_flight": 1, "delivered": 1, "dead": 2}
-
-
-def test_stats_counts_due_rows(engine, store):
-    _, _, later = add(engine, "a@x.com", "b@x.com", "c@x.com")
-    set_row(engine, later, next_attempt_at=now() + dt.timedelta(hours=1))
-    assert store.stats().due == 2
-
-
-def test_stats_gives_the_age_of_the_oldest_pending_row(engine, store):
-    old, delivered_older = add(engine, "a@x.com", "b@x.com")
-    set_row(engine, old, created_at=now() - dt.timedelta(hours=1))
-    make_delivered(engine, delivered_older, created_at=now() - dt.timedelta(hours=5))
-
-    age = store.stats().oldest_pending_age_s
-    assert age is not None
-    assert 3590 <= age <= 3700
-
-
-def test_stats_oldest_pending_age_is_none_without_pending_rows(engine, store):
-    (event_id,) = add(engine, "a@x.com")
-    make_delivered(engine, event_id)
-    assert store.stats().oldest_pending_age_s is None
-
-
-def test_stats_counts_dead_rows_by_status_code(engine, store):
-    ids = add(engine, *(f"c{n}@x.com" for n in range(4)))
-    make_dead(engine, ids[:2], code=400)
-    make_dead(engine, ids[2], code=422)
-    make_dead(engine, ids[3], code=None)
-    assert store.stats().dead_by_status_code == {"400": 2, "422": 1, "none": 1}
-
-
 # -- the heartbeat ---------------------------------------------------------------------
 
 
@@ -565,30 +522,6 @@ def test_heartbeat_clears_halted_since_once_delivery_resumes(engine, store):
     before = db_now(engine)
     store.heartbeat("host:1", "HTTP 401", 1)  # a new halt starts its own clock
     assert daemon_row(engine).halted_since >= before
-
-
-def test_stats_say_since_when_a_daemon_halted_in_json_and_text(engine, store, capsys):
-    store.heartbeat("host:1", "HTTP 401 unauthorized", 0)
-    store.heartbeat("host:2", None, 5)
-    began = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.timezone.utc)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.update(outbox_daemons)
-            .where(outbox_daemons.c.name == "host:1")
-            .values(halted_since=began)
-        )
-    stats = store.stats()
-    halted, delivering = stats.daemons
-    assert halted.halted_since == began and delivering.halted_since is None
-    assert (
-        halted.halted_s_ago is not None
-        and halted.halted_s_ago >= (now() - began).total_seconds() - 5
-    )
-    shown = json.loads(json.dumps(stats.as_dict()))["daemons"]
-    assert [d["halted_since"] for d in shown] == ["2026-12-03T09:30:00+00:00", None]
-    print_stats(stats)
-    line = next(x for x in capsys.readouterr().out.splitlines() if "host:1" in x)
-    assert "HALTED since 2026-12-03 09:30:00 UTC" in line and "HTTP 401 unauthorized" in line
 
 
 # -- the dead-letter view ------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import IO, Any, NoReturn
 
 import sqlalchemy as sa
 
-from worker import db, output
+from worker import admin_reports, db, output
 from worker.admin import InvalidSelection
 from worker.config import (
     BOUNDS,
@@ -240,10 +240,10 @@ def _ids(ids: list[int]) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     check_number("--interval", args.interval)
-    store = _store(args)
+    engine = _store(args).engine
     try:
         while True:
-            stats = store.stats()
+            stats = admin_reports.stats(engine)
             if args.json:
                 print(json.dumps(stats.as_dict(), sort_keys=True), flush=True)
             else:
