@@ -3,7 +3,8 @@
 Every selection is one EventFilter, turned into one WHERE clause, so that the
 command line and a web console pick the same rows for the same filters. Lists
 are keyset-paginated by id, newest first: a page costs the same on the first
-and the thousandth. The daemon's own statements stay in worker.store.
+and the thousandth. The daemon's own statements stay in worker.store, and the
+operator's readings (stats, reports) are worker.admin_reports'.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from worker.backends import backend_for
 from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.event import MAX_BODY_BYTES, InvalidEvent, from_stored
 from worker.schema import outbox_attempts, outbox_events
-from worker.store import OutboxStore, Stats, finished_before
+from worker.store import finished_before
 
 e = outbox_events
 STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -230,10 +231,6 @@ class OutboxAdmin:
         """Pending rows, retrying or not: in_flight ones belong to a daemon right now."""
         _require(selection, everything)
         return sa.and_(e.c.status == "pending", selection.where())
-
-    def stats(self, count_limit: int | None = None) -> Stats:
-        """Counts, backlog, and the daemons with their halts and pauses (see OutboxStore.stats)."""
-        return OutboxStore(self.engine).stats(count_limit)
 
     def requeue(
         self,

@@ -1,10 +1,12 @@
-"""What an operator reads at a glance, beyond lists: throughput by minute, blocked
-contacts, the events of one contact around one of its events.
+"""What an operator reads at a glance, beyond lists: the outbox's stats (counts,
+backlog, the daemons), throughput by minute, blocked contacts, the events of one
+contact around one of its events.
 
 Read-only statements over an engine, each served by an index the daemon
-already keeps (the delivered index, the open-contact index), so that they cost
-the same with a million rows of history as with none. The selections and
-changes are worker.admin's.
+already keeps (the status indexes, the due index, the delivered index, the
+open-contact index), so that they cost the same with a million rows of history
+as with none. The selections and changes are worker.admin's; the daemon's own
+statements are worker.store's.
 """
 
 from __future__ import annotations
@@ -18,11 +20,160 @@ import sqlalchemy as sa
 
 from worker.admin import LISTED
 from worker.backends.sql import contact_key, minute_of, seconds_from_now, utcnow
-from worker.schema import DELIVERED, IN_FLIGHT, PENDING, outbox_attempts, outbox_events
+from worker.schema import (
+    DEAD,
+    DELIVERED,
+    IN_FLIGHT,
+    PENDING,
+    outbox_attempts,
+    outbox_daemons,
+    outbox_events,
+)
+from worker.shared_limit import shared_state
+from worker.store import BACKLOG, age_seconds
 
 e = outbox_events
 a = outbox_attempts
 _OPEN = (PENDING, IN_FLIGHT)
+
+# A daemon silent for this long (seconds) is not counted as running.
+DAEMON_SILENCE = 120.0
+# A bounded stats reading groups only this many of the newest dead letters by status code.
+DEAD_BY_CODE_SAMPLE = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonSeen:
+    name: str
+    seen_s_ago: float
+    halted_reason: str | None
+    delivered: int
+    paused_until: dt.datetime | None = None  # a long pause in effect, until then
+    halted_since: dt.datetime | None = None  # when the current halt began
+    halted_s_ago: float | None = None  # and how long ago, by the database's clock
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    counts: dict[str, int]
+    due: int
+    oldest_pending_age_s: float | None
+    oldest_due_age_s: float | None
+    delivered_last_minute: int
+    dead_by_status_code: dict[str, int]
+    daemons: list[DaemonSeen]
+    counts_capped_at: int | None = None  # counts above this are "at least this many"
+    # The limit shared through the database (worker.shared_limit), once a daemon used it.
+    rate_limit: dict[str, Any] | None = None
+
+    @property
+    def halted(self) -> list[DaemonSeen]:
+        return [d for d in self.daemons if d.halted_reason]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "daemons": [
+                {
+                    **dataclasses.asdict(d),
+                    "paused_until": _iso(d.paused_until),
+                    "halted_since": _iso(d.halted_since),
+                }
+                for d in self.daemons
+            ],
+            "counts": self.counts,
+            "due": self.due,
+            "oldest_pending_age_s": self.oldest_pending_age_s,
+            "oldest_due_age_s": self.oldest_due_age_s,
+            "delivered_last_minute": self.delivered_last_minute,
+            "dead_by_status_code": self.dead_by_status_code,
+            "rate_limit": self.rate_limit,
+        }
+
+
+def stats(engine: sa.Engine, count_limit: int | None = None) -> Stats:
+    """Counts, backlog, and the daemons with their halts and pauses.
+
+    With count_limit, a reading whose cost does not grow with the table (the
+    console's overview): each status counted up to that many (`counts_capped_at`),
+    dead letters by status code among the newest that many (DEAD_BY_CODE_SAMPLE at
+    most), no oldest-pending age."""
+    with engine.connect() as conn:
+        # One count per status with a literal status: each reads its partial index
+        # (three are small), where a GROUP BY reads the whole table.
+        counts = {
+            status: conn.execute(_status_count(status, count_limit)).scalar_one()
+            for status in ("pending", "in_flight", "delivered", "dead")
+        }
+        now = conn.execute(sa.select(utcnow())).scalar_one()
+        oldest_pending = (
+            None
+            if count_limit
+            else conn.execute(
+                sa.select(sa.func.min(e.c.created_at)).where(e.c.status == PENDING)
+            ).scalar_one()
+        )
+        due_count, oldest_due = conn.execute(BACKLOG).one()
+        recent = conn.execute(
+            sa.select(sa.func.count()).where(
+                e.c.status == DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
+            )
+        ).scalar_one()
+        dead_rows: Any = e
+        if count_limit:
+            dead_rows = (
+                sa.select(e.c.last_status_code)
+                .where(e.c.status == DEAD)
+                .order_by(e.c.id.desc())
+                .limit(min(count_limit, DEAD_BY_CODE_SAMPLE))
+                .subquery()
+            )
+        dead = conn.execute(
+            sa.select(dead_rows.c.last_status_code, sa.func.count())
+            .where(*([] if count_limit else [e.c.status == DEAD]))
+            .group_by(dead_rows.c.last_status_code)
+        ).all()
+        daemons = conn.execute(
+            sa.select(outbox_daemons)
+            .where(outbox_daemons.c.seen_at >= seconds_from_now(-DAEMON_SILENCE))
+            .order_by(outbox_daemons.c.name)
+        ).all()
+        shared = shared_state(conn)
+    return Stats(
+        counts=counts,
+        counts_capped_at=count_limit,
+        due=due_count,
+        oldest_pending_age_s=age_seconds(now, oldest_pending),
+        oldest_due_age_s=age_seconds(now, oldest_due),
+        delivered_last_minute=recent,
+        dead_by_status_code={
+            ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
+        },
+        daemons=[
+            DaemonSeen(
+                d.name,
+                age_seconds(now, d.seen_at) or 0.0,
+                d.halted_reason,
+                d.delivered,
+                d.paused_until if d.paused_until and d.paused_until > now else None,
+                d.halted_since if d.halted_reason else None,
+                age_seconds(now, d.halted_since) if d.halted_reason else None,
+            )
+            for d in daemons
+        ],
+        rate_limit=shared,
+    )
+
+
+def _status_count(status: str, limit: int | None) -> Any:
+    where = e.c.status == sa.literal_column(f"'{status}'")
+    if limit is None:
+        return sa.select(sa.func.count()).where(where)
+    capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
+    return sa.select(sa.func.count()).select_from(capped)
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return when.isoformat() if when else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 from worker import v3event
 from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.event import InvalidEvent
-from worker.policy import Answer, Verdict, classify
+from worker.policy import Action, Answer, classify
 from worker.store import ClaimedEvent
 from worker.transport import Attempt, Exchange, Rejected, Request, Transport
 
@@ -120,8 +120,8 @@ class V3BatchTransport(Transport):
                 return exchange
             exchange.answers.append((len(items), answer))
             events = [event for event, _ in items]
-            code, verdict = answer.status_code, classify(answer.status_code)
-            if code == 207 or verdict is Verdict.DEAD:
+            code, action = answer.status_code, classify(answer.status_code)
+            if code == 207 or action is Action.DEAD:
                 named = self._named(answer, len(events))
                 if named or code == 207:
                     exchange.results += self._shares(events, answer, named)
@@ -131,7 +131,7 @@ class V3BatchTransport(Transport):
                     todo[:0] = [items[:half], items[half:]]
                     continue
             exchange.results += [(event, answer) for event in events]
-            if todo and verdict in (Verdict.HALT, Verdict.THROTTLE):
+            if todo and action in (Action.HALT, Action.THROTTLE):
                 # Halves still waiting are not sent into a halt or a 429: back uncharged.
                 exchange.results += [(event, None) for rest in todo for event, _ in rest]
                 return exchange
@@ -153,9 +153,9 @@ class V3BatchTransport(Transport):
         for index, event in enumerate(events):
             if index in named:
                 error = f"HTTP {answer.status_code} {named[index]} (eventIndex {index} of a batch of {len(events)})"
-                share = dataclasses.replace(answer, error=error, verdict=Verdict.DEAD)
+                share = dataclasses.replace(answer, error=error, action=Action.DEAD)
             else:
-                share = dataclasses.replace(answer, error=None, verdict=Verdict.DELIVERED)
+                share = dataclasses.replace(answer, error=None, action=Action.DELIVERED)
             shares.append((event, share))
         return shares
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from worker.gate import LONG_PAUSE, SendGate
-from worker.policy import Answer, RetryBudget, Verdict, pause_for
+from worker.policy import Action, Answer, RetryBudget, pause_for
 from worker.telemetry import Telemetry, status_label
 
 log = logging.getLogger("worker.daemon")
@@ -102,9 +102,9 @@ class Breaker:
 
     # -- fed every answer ------------------------------------------------------------
 
-    def answered(self, answer: Answer, verdict: Verdict, probe: bool, event_id: int) -> float:
+    def answered(self, answer: Answer, action: Action, probe: bool, event_id: int) -> float:
         """Take in one answer; return the pause it started (0 if none)."""
-        if verdict is Verdict.HALT:
+        if action is Action.HALT:
             self._halt(answer, event_id)
         else:
             if self.halted and probe:
@@ -119,7 +119,7 @@ class Breaker:
                 self._opened = True
         if answer.status_code == 429:
             self.telemetry.throttled.inc()
-        self._throttle_streak = self._throttle_streak + 1 if verdict is Verdict.THROTTLE else 0
+        self._throttle_streak = self._throttle_streak + 1 if action is Action.THROTTLE else 0
         pause = pause_for(answer, self.budget, max(1, self._throttle_streak))
         if pause is None:
             return 0.0

@@ -22,7 +22,7 @@ from typing import IO, Any, NoReturn
 
 import sqlalchemy as sa
 
-from worker import admin_cli, db, output
+from worker import admin_cli, admin_reports, db, output
 from worker.admin import InvalidSelection
 from worker.cli_base import (
     EXIT_FAILURE,
@@ -231,10 +231,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     check_number("--interval", args.interval)
-    store = open_store(args)
+    engine = open_store(args).engine
     try:
         while True:
-            stats = store.stats()
+            stats = admin_reports.stats(engine)
             if args.json:
                 print(json.dumps(stats.as_dict(), sort_keys=True), flush=True)
             else:

@@ -93,11 +93,10 @@ class Completer:
             t.delivered.inc()
         elif outcome.action is Action.RETRY:
             t.retried.labels(code).inc()
-        elif outcome.action is Action.DEAD:
+        elif outcome.action in (Action.DEAD, Action.REJECTED):
             t.dead.labels(code).inc()
         else:
-            reason = {"429": "throttle", "none": "unsent"}.get(code, "halt")
-            t.released.labels(reason).inc()
+            t.released.labels(outcome.action.value).inc()
 
     def pending_records(self) -> int:
         return len(self._records)
@@ -139,7 +138,7 @@ class Completer:
         """At shutdown: every held row without an answer goes back to pending, uncharged."""
         unanswered = self.unanswered()
         for event in unanswered:
-            self.finish(event, Outcome(Action.RELEASE, charged=False))
+            self.finish(event, Outcome(Action.UNSENT))
         return len(unanswered)
 
     def forget(self) -> None:

@@ -16,7 +16,6 @@ three components and runs the loop:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import itertools
 import logging
@@ -41,7 +40,7 @@ from worker.delivery import Deliverer
 from worker.gate import SendGate, SlotSource
 from worker.maintenance import Maintenance
 from worker.output import first_line
-from worker.policy import Action, Answer, Outcome, Verdict, classify, decide, pause_for
+from worker.policy import Action, Answer, Outcome, classify, decide, pause_for
 from worker.senders import Job, SenderPool
 from worker.shared_limit import SharedSlots
 from worker.store import ClaimedEvent, OutboxStore
@@ -311,7 +310,7 @@ class Daemon:
             extra=log_fields(never.event),
         )
         self.telemetry.rejected.labels(self.transport.name).inc()
-        self.completer.finish(never.event, Outcome(Action.DEAD, None, never.reason, charged=False))
+        self.completer.finish(never.event, Outcome(Action.REJECTED, None, never.reason))
 
     def _idle_wait(self) -> float:
         waits = [self.settings.poll_interval, self.completer.renewal_in()]
@@ -337,9 +336,9 @@ class Daemon:
             first = done.job.request.events[0].id
             for carried, answer in done.exchange.answers:  # each HTTP answer once
                 self.telemetry.answered(self.transport.name, carried, answer)
-                verdict = classify(answer.status_code)
-                self.breaker.answered(answer, verdict, done.job.probe, first)
-                if carried > 1 and verdict is Verdict.RETRY:
+                action = classify(answer.status_code)
+                self.breaker.answered(answer, action, done.job.probe, first)
+                if carried > 1 and action is Action.RETRY:
                     # One line for the request, not one per event it carried.
                     log.warning(
                         "a request of %d events (outbox ids from %d) failed (%s): each is"
@@ -352,7 +351,7 @@ class Daemon:
                 if not self.completer.holds(event):
                     continue  # released at shutdown before the answer came
                 if share is None:
-                    self.completer.finish(event, Outcome(Action.RELEASE, charged=False))
+                    self.completer.finish(event, Outcome(Action.UNSENT))
                 else:
                     self._outcome(event, share, quiet=len(done.job.request.events) > 1)
 
@@ -360,10 +359,10 @@ class Daemon:
         """One event's answer (the breaker has had the request's) into the row's outcome."""
         assert event.created_at is not None  # an unreadable row is never sent
         age = dt.datetime.now(dt.timezone.utc) - event.created_at
-        verdict, outcome = decide(answer, event.attempts, age, self.settings.budget)
-        if verdict is Verdict.THROTTLE:  # due again when the pause it started ends
-            outcome = dataclasses.replace(outcome, retry_in=self.gate.paused_for())
-        elif outcome.action is Action.RETRY:
+        # The breaker has started the pause a 429 asks for: a throttled row waits it out.
+        paused = self.gate.paused_for()
+        outcome = decide(answer, event.attempts, age, self.settings.budget, paused)
+        if outcome.action is Action.RETRY:
             log.log(
                 logging.DEBUG if quiet else logging.WARNING,
                 "outbox id %d attempt %d failed (%s): retry in %.1fs",

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import db, output, track_events
+from worker.admin_reports import DAEMON_SILENCE
 from worker.backends import backend_for
 from worker.backends.sql import seconds_from_now
 from worker.config import DEMO_DATABASE_URL, Settings, SettingsError
@@ -32,7 +33,6 @@ from worker.daemon import build_daemon
 from worker.policy import RetryBudget
 from worker.schema import metadata, outbox_attempts, outbox_daemons, outbox_events
 from worker.sink import Sink
-from worker.store import DAEMON_SILENCE
 
 REFUSED_EVENT = "coupon_redeemed"
 DEMO_KEY = "outbox-demo:"  # the idempotency-key prefix of every row the demo writes

@@ -8,9 +8,10 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.store import Stats
+if TYPE_CHECKING:  # only the hint: the daemon imports this module and needs no report
+    from worker.admin_reports import Stats
 
 
 class LogFormatter(logging.Formatter):

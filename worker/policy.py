@@ -16,12 +16,39 @@ import tenacity
 from worker.when import duration_text
 
 
-class Verdict(enum.Enum):
+class Action(enum.Enum):
+    """What happens to a claimed row: the decision, written by the store as it is."""
+
     DELIVERED = "delivered"  # 2xx: done
     RETRY = "retry"  # may succeed later: charged to the retry budget
     DEAD = "dead"  # will never succeed: dead at once
-    HALT = "halt"  # our setup is wrong (key, URL): stop everyone, charge nothing
-    THROTTLE = "throttle"  # 429: slow the whole daemon, charge nothing
+    REJECTED = "rejected"  # the row breaks a rule: dead before any send, uncharged
+    # The release reasons: back to pending, uncharged.
+    HALT = "halt"  # our setup is wrong (key, URL): stop everyone
+    THROTTLE = "throttle"  # 429: slow the whole daemon
+    UNSENT = "unsent"  # never sent (shutdown, or halted before its turn)
+
+    @property
+    def status(self) -> str:
+        """The row's status after it (one of worker.schema's states)."""
+        if self is Action.DELIVERED:
+            return "delivered"
+        return "dead" if self in (Action.DEAD, Action.REJECTED) else "pending"
+
+    @property
+    def charged(self) -> bool:
+        """Whether it spends one of the row's attempts."""
+        return self in (Action.DELIVERED, Action.RETRY, Action.DEAD)
+
+    @property
+    def released(self) -> bool:
+        """Back to pending uncharged: the row keeps the answer that stopped it."""
+        return self in (Action.HALT, Action.THROTTLE, Action.UNSENT)
+
+    @property
+    def writes_attempt(self) -> bool:
+        """A charged failure: one outbox_attempts row."""
+        return self in (Action.RETRY, Action.DEAD)
 
 
 @dataclass(frozen=True)
@@ -35,23 +62,23 @@ class Answer:
     rate_limit_exhausted: bool = False  # x-sib-ratelimit-remaining said 0
     # One event's share of a batch answer, where the status code alone does not say
     # it: a 207 or 400 that names this event's index (dead) or not (delivered).
-    verdict: Verdict | None = None
+    action: Action | None = None
     content: bytes = field(default=b"", repr=False)  # the body, kept for a batch's errors
 
 
-def classify(status_code: int | None) -> Verdict:
+def classify(status_code: int | None) -> Action:
     """The classification table of the contract (section 4 and 6)."""
     if status_code is None:  # timeout, refused, reset, TLS failure
-        return Verdict.RETRY
+        return Action.RETRY
     if 200 <= status_code < 300:
-        return Verdict.DELIVERED
+        return Action.DELIVERED
     if status_code in (401, 403, 404) or 300 <= status_code < 400:
-        return Verdict.HALT
+        return Action.HALT
     if status_code == 429:
-        return Verdict.THROTTLE
+        return Action.THROTTLE
     if status_code == 408 or status_code >= 500:
-        return Verdict.RETRY
-    return Verdict.DEAD  # 400, 413, 422 and every other 4xx
+        return Action.RETRY
+    return Action.DEAD  # 400, 413, 422 and every other 4xx
 
 
 @dataclass(frozen=True)
@@ -80,13 +107,6 @@ class RetryBudget:
         return float(self._wait(state))  # type: ignore[attr-defined]
 
 
-class Action(enum.Enum):
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    DEAD = "dead"
-    RELEASE = "release"  # back to pending, uncharged (halt, throttle, shutdown)
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What to write for one claimed row."""
@@ -95,7 +115,6 @@ class Outcome:
     status_code: int | None = None
     error: str | None = None
     retry_in: float = 0.0  # seconds until next_attempt_at
-    charged: bool = True  # counts one attempt and writes one outbox_attempts row
     duration_ms: int = 0
 
 
@@ -104,25 +123,27 @@ def decide(
     attempts_before: int,
     age: dt.timedelta,
     budget: RetryBudget,
-) -> tuple[Verdict, Outcome]:
-    """Turn one answer into the row's next state."""
-    verdict = answer.verdict or classify(answer.status_code)
+    paused_for: float = 0.0,
+) -> Outcome:
+    """Turn one answer into the row's next state; a throttled row is due again when
+    the pause in effect (`paused_for` seconds) ends."""
+    action = answer.action or classify(answer.status_code)
     code, error, ms = answer.status_code, answer.error, answer.duration_ms
-    if verdict is Verdict.DELIVERED:
-        return verdict, Outcome(Action.DELIVERED, code, None, duration_ms=ms)
-    if verdict in (Verdict.HALT, Verdict.THROTTLE):
-        return verdict, Outcome(Action.RELEASE, code, error, charged=False, duration_ms=ms)
-    if verdict is Verdict.DEAD:
-        return verdict, Outcome(Action.DEAD, code, error, duration_ms=ms)
+    if action is Action.DELIVERED:
+        return Outcome(action, code, None, duration_ms=ms)
+    if action is Action.THROTTLE:
+        return Outcome(action, code, error, retry_in=paused_for, duration_ms=ms)
+    if action is not Action.RETRY:  # a halt, or dead at once: the budget has no say
+        return Outcome(action, code, error, duration_ms=ms)
     attempt = attempts_before + 1
     wait = budget.backoff(attempt)
     if attempt >= budget.max_attempts:
         reason = f"{error} (gave up after {attempt} attempts)"
-        return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
+        return Outcome(Action.DEAD, code, reason, duration_ms=ms)
     if age + dt.timedelta(seconds=wait) > budget.max_age:
         reason = f"{error} (gave up: older than {duration_text(budget.max_age)})"
-        return verdict, Outcome(Action.DEAD, code, reason, duration_ms=ms)
-    return verdict, Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
+        return Outcome(Action.DEAD, code, reason, duration_ms=ms)
+    return Outcome(Action.RETRY, code, error, retry_in=wait, duration_ms=ms)
 
 
 # Every pause of the whole daemon lies between these (seconds): a Retry-After of 0

@@ -1,16 +1,18 @@
-"""The only code that reads and writes the outbox for the daemon and the operator.
+"""The daemon's statements: claim, renew, record, rescue, backlog, heartbeat, the
+maintenance lead, and the prune that maintenance (and the operator's `prune`) runs.
 
 Every statement is SQLAlchemy Core, built once at import and shared by
 SQLite and PostgreSQL; what differs between them (binding a batch, the upsert,
-the maintenance lock) is the backend's (worker.backends). The operator's selections and changes (lists, requeue, purge,
-cancel) are worker.admin's. Hot-path work is set-based: one claim statement per batch,
-one transaction per batch of outcomes.
+the maintenance lock) is the backend's (worker.backends). The operator's side
+imports this module, never the reverse: its selections and changes (lists,
+requeue, purge, cancel) are worker.admin's, its readings (stats, reports)
+worker.admin_reports'. Hot-path work is set-based: one claim statement per
+batch, one transaction per batch of outcomes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,14 +32,8 @@ from worker.schema import (
     outbox_daemons,
     outbox_events,
 )
-from worker.shared_limit import shared_state
 
 e = outbox_events
-
-# A daemon silent for this long (seconds) is not counted as running.
-DAEMON_SILENCE = 120.0
-# A bounded stats reading groups only this many of the newest dead letters by status code.
-DEAD_BY_CODE_SAMPLE = 10_000
 
 
 @dataclass(frozen=True)
@@ -64,54 +60,6 @@ class Record:
 
     event: ClaimedEvent
     outcome: Outcome
-
-
-@dataclass(frozen=True)
-class DaemonSeen:
-    name: str
-    seen_s_ago: float
-    halted_reason: str | None
-    delivered: int
-    paused_until: dt.datetime | None = None  # a long pause in effect, until then
-    halted_since: dt.datetime | None = None  # when the current halt began
-    halted_s_ago: float | None = None  # and how long ago, by the database's clock
-
-
-@dataclass(frozen=True)
-class Stats:
-    counts: dict[str, int]
-    due: int
-    oldest_pending_age_s: float | None
-    oldest_due_age_s: float | None
-    delivered_last_minute: int
-    dead_by_status_code: dict[str, int]
-    daemons: list[DaemonSeen]
-    counts_capped_at: int | None = None  # counts above this are "at least this many"
-    # The limit shared through the database (worker.shared_limit), once a daemon used it.
-    rate_limit: dict[str, Any] | None = None
-
-    @property
-    def halted(self) -> list[DaemonSeen]:
-        return [d for d in self.daemons if d.halted_reason]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "daemons": [
-                {
-                    **dataclasses.asdict(d),
-                    "paused_until": _iso(d.paused_until),
-                    "halted_since": _iso(d.halted_since),
-                }
-                for d in self.daemons
-            ],
-            "counts": self.counts,
-            "due": self.due,
-            "oldest_pending_age_s": self.oldest_pending_age_s,
-            "oldest_due_age_s": self.oldest_due_age_s,
-            "delivered_last_minute": self.delivered_last_minute,
-            "dead_by_status_code": self.dead_by_status_code,
-            "rate_limit": self.rate_limit,
-        }
 
 
 def _claim_statement(contact_order: bool) -> sa.Update:
@@ -166,21 +114,12 @@ def _claim_statement(contact_order: bool) -> sa.Update:
 
 _CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
-# What each outcome writes, as (status, charged attempts): a RETRY and a
-# RELEASE are both pending again, told apart by whether an attempt was spent.
-_STATUS = {
-    Action.DELIVERED: "delivered",
-    Action.RETRY: "pending",
-    Action.DEAD: "dead",
-    Action.RELEASE: "pending",
-}
-_OUTCOME_COLUMNS = ("id", "token", "status", "charge", "code", "error", "delay")
+_OUTCOME_COLUMNS = ("id", "token", "action", "code", "error", "delay")
 _ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms")
 _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.BigInteger(),
     "token": sa.String(),
-    "status": sa.String(),
-    "charge": sa.Integer(),
+    "action": sa.String(),
     "code": sa.Integer(),
     "error": sa.Text(),
     "delay": sa.Float(),
@@ -190,31 +129,36 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
 
 
 def _outcome_statement(src: Any) -> sa.Update:
-    """One UPDATE for a batch of outcomes of every kind, reading each row's outcome
+    """One UPDATE for a batch of outcomes of every kind, reading each row's action
     from `src` (bound parameters, or a table of arrays on PostgreSQL).
 
     An outcome only lands on a row still in_flight under the same claim: a late
     answer never overwrites a row that lease rescue gave to another daemon.
     """
-    released = sa.and_(src.status == PENDING, src.charge == 0)  # halt, throttle, shutdown
+    action = src.action
+    delivered = _one_of(action, lambda a: a.status == "delivered")
+    released = _one_of(action, lambda a: a.released)
     return (
         sa.update(e)
         .where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token)
         .values(
-            status=src.status,
-            attempts=e.c.attempts + src.charge,
+            status=sa.case({_constant(a.value): _constant(a.status) for a in Action}, value=action),
+            attempts=e.c.attempts + sa.case((_one_of(action, lambda a: a.charged), 1), else_=0),
             next_attempt_at=sa.case(
-                (src.status == PENDING, seconds_from_now(src.delay)), else_=e.c.next_attempt_at
+                (_one_of(action, lambda a: a.status == "pending"), seconds_from_now(src.delay)),
+                else_=e.c.next_attempt_at,
             ),
-            delivered_at=sa.case((src.status == DELIVERED, utcnow()), else_=e.c.delivered_at),
-            failed_at=sa.case((src.status == DEAD, utcnow()), else_=e.c.failed_at),
+            delivered_at=sa.case((delivered, utcnow()), else_=e.c.delivered_at),
+            failed_at=sa.case(
+                (_one_of(action, lambda a: a.status == "dead"), utcnow()), else_=e.c.failed_at
+            ),
             # A released row keeps the answer that stopped it, so operators see
             # why it waits; any other outcome says what its own attempt got.
             last_status_code=sa.case(
                 (released, sa.func.coalesce(src.code, e.c.last_status_code)), else_=src.code
             ),
             last_error=sa.case(
-                (src.status == DELIVERED, sa.null()),
+                (delivered, sa.null()),
                 (released, sa.func.coalesce(src.error, e.c.last_error)),
                 else_=src.error,
             ),
@@ -222,6 +166,17 @@ def _outcome_statement(src: Any) -> sa.Update:
             lease_expires_at=None,
         )
     )
+
+
+def _one_of(action: Any, which: Callable[[Action], bool]) -> Any:
+    """Whether a row's action (a column of `src`) is one of those `which` picks."""
+    return action.in_([_constant(a.value) for a in Action if which(a)])
+
+
+def _constant(value: str) -> Any:
+    # Spelled into the statement, not bound: a bound IN list is one "expanding"
+    # parameter, which an executemany (a batch on SQLite) cannot bind.
+    return sa.literal_column(f"'{value}'")
 
 
 def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
@@ -244,7 +199,9 @@ _WRITE = {
     for b in all_backends()
 }
 
-_BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
+# Due rows: how many, and the earliest due time (the due index): the daemon's backlog
+# gauge, and the operator's stats.
+BACKLOG = sa.select(sa.func.count(), sa.func.min(e.c.next_attempt_at)).where(
     e.c.status == PENDING, e.c.next_attempt_at <= utcnow()
 )
 
@@ -263,7 +220,7 @@ _RESCUE = (
 
 
 class OutboxStore:
-    """The outbox, as the daemon and the operator's commands see it."""
+    """The outbox, as the daemon sees it."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -297,7 +254,7 @@ class OutboxStore:
         if not records:
             return
         outcomes = [_outcome_row(r) for r in records]
-        attempts = [_attempt_row(r) for r in records if _writes_attempt(r.outcome)]
+        attempts = [_attempt_row(r) for r in records if r.outcome.action.writes_attempt]
         write_outcomes, write_attempts = _WRITE[self.backend.name]
         bind = self.backend.bind
         if not attempts and self.backend.batch_is_one_statement:  # deliveries and releases
@@ -318,9 +275,9 @@ class OutboxStore:
     def backlog(self) -> tuple[int, float | None]:
         """Events due now and the age of the longest-waiting one (seconds), from the due index."""
         with self.engine.connect() as conn:
-            due, oldest = conn.execute(_BACKLOG).one()
+            due, oldest = conn.execute(BACKLOG).one()
             now = conn.execute(sa.select(utcnow())).scalar_one()
-        return due, _age(now, oldest)
+        return due, age_seconds(now, oldest)
 
     def heartbeat(
         self,
@@ -372,79 +329,6 @@ class OutboxStore:
         with self.engine.begin() as conn:
             yield self.backend.take_maintenance_lead(conn)
 
-    # -- the operator's commands ---------------------------------------------
-
-    def stats(self, count_limit: int | None = None) -> Stats:
-        """With count_limit, a reading whose cost does not grow with the table (the
-        console's overview): each status counted up to that many (`counts_capped_at`),
-        dead letters by status code among the newest that many (DEAD_BY_CODE_SAMPLE at
-        most), no oldest-pending age."""
-        with self.engine.connect() as conn:
-            # One count per status with a literal status: each reads its partial index
-            # (three are small), where a GROUP BY reads the whole table.
-            counts = {
-                status: conn.execute(_status_count(status, count_limit)).scalar_one()
-                for status in ("pending", "in_flight", "delivered", "dead")
-            }
-            now = conn.execute(sa.select(utcnow())).scalar_one()
-            oldest_pending = (
-                None
-                if count_limit
-                else conn.execute(
-                    sa.select(sa.func.min(e.c.created_at)).where(e.c.status == PENDING)
-                ).scalar_one()
-            )
-            due_count, oldest_due = conn.execute(_BACKLOG).one()
-            recent = conn.execute(
-                sa.select(sa.func.count()).where(
-                    e.c.status == DELIVERED, e.c.delivered_at >= seconds_from_now(-60.0)
-                )
-            ).scalar_one()
-            dead_rows: Any = e
-            if count_limit:
-                dead_rows = (
-                    sa.select(e.c.last_status_code)
-                    .where(e.c.status == DEAD)
-                    .order_by(e.c.id.desc())
-                    .limit(min(count_limit, DEAD_BY_CODE_SAMPLE))
-                    .subquery()
-                )
-            dead = conn.execute(
-                sa.select(dead_rows.c.last_status_code, sa.func.count())
-                .where(*([] if count_limit else [e.c.status == DEAD]))
-                .group_by(dead_rows.c.last_status_code)
-            ).all()
-            daemons = conn.execute(
-                sa.select(outbox_daemons)
-                .where(outbox_daemons.c.seen_at >= seconds_from_now(-DAEMON_SILENCE))
-                .order_by(outbox_daemons.c.name)
-            ).all()
-            shared = shared_state(conn)
-        return Stats(
-            counts=counts,
-            counts_capped_at=count_limit,
-            due=due_count,
-            oldest_pending_age_s=_age(now, oldest_pending),
-            oldest_due_age_s=_age(now, oldest_due),
-            delivered_last_minute=recent,
-            dead_by_status_code={
-                ("none" if code is None else str(code)): n for code, n in sorted(dead, key=str)
-            },
-            daemons=[
-                DaemonSeen(
-                    d.name,
-                    _age(now, d.seen_at) or 0.0,
-                    d.halted_reason,
-                    d.delivered,
-                    d.paused_until if d.paused_until and d.paused_until > now else None,
-                    d.halted_since if d.halted_reason else None,
-                    _age(now, d.halted_since) if d.halted_reason else None,
-                )
-                for d in daemons
-            ],
-            rate_limit=shared,
-        )
-
     def prune(
         self,
         older_than: dt.timedelta | dt.datetime,
@@ -468,14 +352,6 @@ class OutboxStore:
             total += deleted
             if deleted < batch_size or stop():
                 return total
-
-
-def _status_count(status: str, limit: int | None) -> Any:
-    where = e.c.status == sa.literal_column(f"'{status}'")
-    if limit is None:
-        return sa.select(sa.func.count()).where(where)
-    capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
-    return sa.select(sa.func.count()).select_from(capped)
 
 
 def _claimed(row: Any, token: str) -> ClaimedEvent:
@@ -529,11 +405,6 @@ def finished_before(older_than: dt.timedelta | dt.datetime, include_dead: bool) 
     return finished
 
 
-def _writes_attempt(outcome: Outcome) -> bool:
-    # Every charged failure leaves a row; a delivery and an uncharged answer do not.
-    return outcome.charged and outcome.action in (Action.RETRY, Action.DEAD)
-
-
 def _attempt_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
     return (
@@ -548,21 +419,9 @@ def _attempt_row(r: Record) -> tuple[Any, ...]:
 
 def _outcome_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
-    charge = 1 if o.charged and o.action is not Action.RELEASE else 0
-    return (
-        r.event.id,
-        r.event.lease_token,
-        _STATUS[o.action],
-        charge,
-        o.status_code,
-        o.error,
-        o.retry_in,
-    )
+    return (r.event.id, r.event.lease_token, o.action.value, o.status_code, o.error, o.retry_in)
 
 
-def _iso(when: dt.datetime | None) -> str | None:
-    return when.isoformat() if when else None
-
-
-def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+def age_seconds(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    """Seconds from `then` to `now` (never negative), None without a `then`."""
     return None if then is None else max(0.0, (now - then).total_seconds())

@@ -20,6 +20,7 @@ from tests.conftest import KEY, rows, run_cli
 from tests.daemons import RunningDaemon, wait_until
 from tests.endpoint import Endpoint, Reply
 from worker import track_event
+from worker.admin_reports import stats
 from worker.maintenance import Maintenance
 from worker.output import LogFormatter
 from worker.store import OutboxStore
@@ -81,21 +82,21 @@ def test_a_halt_shows_in_metrics_readiness_and_stats_then_clears(engine, endpoin
     wait_until(lambda: "halted" in daemon.get("/readyz").text, 10, "halted in /readyz")
     assert daemon.get("/readyz").status_code == 503
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 1
-    wait_until(lambda: OutboxStore(engine).stats().halted, 10, "the halt in stats")
-    assert "401" in OutboxStore(engine).stats().halted[0].halted_reason
+    wait_until(lambda: stats(engine).halted, 10, "the halt in stats")
+    assert "401" in stats(engine).halted[0].halted_reason
 
     endpoint.default = Reply(204)  # the key is fixed: the probe finds out by itself
     wait_until(lambda: [r.status for r in rows(engine)] == ["delivered"], 10, "the row delivered")
     wait_until(lambda: daemon.get("/readyz").status_code == 200, 10, "ready")
     assert daemon.metric("outbox_delivery_halted", 'reason="401"') == 0
-    wait_until(lambda: not OutboxStore(engine).stats().halted, 10, "the halt cleared from stats")
+    wait_until(lambda: not stats(engine).halted, 10, "the halt cleared from stats")
 
 
 def test_a_running_daemon_is_listed_in_stats_and_forgotten_when_it_stops(engine, endpoint, running):
     daemon = running()
-    wait_until(lambda: len(OutboxStore(engine).stats().daemons) == 1, 10, "the daemon in stats")
+    wait_until(lambda: len(stats(engine).daemons) == 1, 10, "the daemon in stats")
     daemon.stop()
-    assert OutboxStore(engine).stats().daemons == []
+    assert stats(engine).daemons == []
 
 
 def _backdate_delivered(engine: sa.Engine, days: int) -> None:

@@ -1,7 +1,8 @@
 """Every row's life against a model: a hypothesis state machine over real databases.
 
 The machine enqueues with track_events, claims with OutboxStore.claim_due,
-records outcomes (delivered, retry, dead, release), lets leases run out
+records outcomes (delivered, retry, dead, rejected, and the releases: halt,
+throttle, unsent), lets leases run out
 ("a daemon crashed": claim, forget the claim, and the lease elapses), rescues,
 requeues and purges, in any order, on a real SQLite file and a real PostgreSQL
 database. A small in-memory model says what each row must be: its status, its
@@ -38,7 +39,7 @@ from hypothesis.stateful import (
 )
 
 from tests.conftest import new_pg_database
-from worker import db, track_events
+from worker import admin_reports, db, track_events
 from worker.admin import EventFilter, OutboxAdmin
 from worker.backends.sql import seconds_from_now, utcnow
 from worker.policy import Action, Outcome
@@ -65,10 +66,22 @@ OUTCOMES = {
     "retry now": Outcome(Action.RETRY, 503, "HTTP 503", retry_in=0.0),
     "retry later": Outcome(Action.RETRY, None, "timeout", retry_in=3600.0),
     "dead": Outcome(Action.DEAD, 400, "HTTP 400: invalid_parameter"),
-    "dead, invalid row": Outcome(Action.DEAD, None, "invalid event: email: bad", charged=False),
-    "released, halted": Outcome(Action.RELEASE, 401, "HTTP 401", charged=False),
-    "released, throttled": Outcome(Action.RELEASE, 429, "HTTP 429", retry_in=3600.0, charged=False),
-    "released, unsent": Outcome(Action.RELEASE, charged=False),
+    "rejected": Outcome(Action.REJECTED, None, "invalid event: email: bad"),
+    "released, halted": Outcome(Action.HALT, 401, "HTTP 401"),
+    "released, throttled": Outcome(Action.THROTTLE, 429, "HTTP 429", retry_in=3600.0),
+    "released, unsent": Outcome(Action.UNSENT),
+}
+
+# The model's own word for what each action writes, not worker.policy's:
+# (the row's status, an attempt spent, released: keeps the answer that stopped it).
+WRITES = {
+    Action.DELIVERED: ("delivered", True, False),
+    Action.RETRY: ("pending", True, False),
+    Action.DEAD: ("dead", True, False),
+    Action.REJECTED: ("dead", False, False),
+    Action.HALT: ("pending", False, True),
+    Action.THROTTLE: ("pending", False, True),
+    Action.UNSENT: ("pending", False, True),
 }
 
 
@@ -180,17 +193,11 @@ class OutboxMachine(RuleBasedStateMachine):
     def apply(self, claimed: ClaimedEvent, outcome: Outcome) -> None:
         """What recording an outcome does to a row still held by the claim."""
         row = self.rows[claimed.id]
-        status = {
-            Action.DELIVERED: "delivered",
-            Action.RETRY: "pending",
-            Action.DEAD: "dead",
-            Action.RELEASE: "pending",
-        }[outcome.action]
-        charged = outcome.charged and outcome.action is not Action.RELEASE
-        if charged and outcome.action in (Action.RETRY, Action.DEAD):
+        status, charged, released = WRITES[outcome.action]
+        if charged and status != "delivered":  # a charged failure is in the history
             row.attempt_log.append((claimed.attempts + 1, outcome.status_code))
         row.attempts += 1 if charged else 0
-        if status == "pending" and not charged:  # released: keeps what stopped it
+        if released:  # keeps what stopped it
             if outcome.status_code is not None:
                 row.last_code = outcome.status_code
             if outcome.error is not None:
@@ -379,7 +386,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
     @rule()
     def stats(self) -> None:
-        stats = self.store.stats()
+        stats = admin_reports.stats(self.engine)
         counts = Counter(r.status for r in self.rows.values())
         assert stats.counts == {
             s: counts.get(s, 0) for s in ("pending", "in_flight", "delivered", "dead")
@@ -490,3 +497,7 @@ def machine_engine(
     yield
     machine.engine = None
     engine.dispose()
+
+
+def test_the_machine_records_every_action_and_models_each() -> None:
+    assert {o.action for o in OUTCOMES.values()} == set(WRITES) == set(Action)

@@ -1,6 +1,7 @@
 """OutboxStore against real databases (SQLite and PostgreSQL): claiming, recording
-outcomes, lease rescue, pruning and stats, with the rows checked by SQL (the
-operator's requeue, purge and lists are worker.admin's: tests/test_admin.py).
+outcomes, lease rescue, pruning and the heartbeat, with the rows checked by SQL
+(the operator's requeue, purge and lists are worker.admin's: tests/test_admin.py;
+its stats worker.admin_reports': tests/test_admin_reports.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sqlalchemy as sa
 from tests.integration.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
 from worker.backends.sql import utcnow
-from worker.output import print_stats
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_daemons, outbox_events
 from worker.store import _CLAIM, ClaimedEvent, OutboxStore, Record
@@ -293,12 +293,10 @@ def test_record_dead_charged_counts_the_attempt_and_keeps_the_reason(engine, sto
     ]
 
 
-def test_record_dead_uncharged_spends_no_attempt_and_writes_no_attempt_row(engine, store):
+def test_record_rejected_is_dead_but_spends_no_attempt_and_writes_no_attempt_row(engine, store):
     (event_id,) = add(engine, "a@x.com")
     c = claim_one(store, event_id)
-    store.record(
-        [Record(c, Outcome(Action.DEAD, None, "invalid event: email: bad", charged=False))]
-    )
+    store.record([Record(c, Outcome(Action.REJECTED, None, "invalid event: email: bad"))])
 
     r = row(engine, event_id)
     assert r.status == "dead"
@@ -309,11 +307,17 @@ def test_record_dead_uncharged_spends_no_attempt_and_writes_no_attempt_row(engin
     assert attempt_rows(engine, event_id) == []
 
 
-def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(engine, store):
+RELEASES = [Action.HALT, Action.THROTTLE, Action.UNSENT]
+
+
+@pytest.mark.parametrize("action", RELEASES, ids=lambda a: a.value)
+def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(
+    engine, store, action
+):
     (event_id,) = add(engine, "a@x.com")
     set_row(engine, event_id, attempts=2)
     c = claim_one(store, event_id)
-    store.record([Record(c, Outcome(Action.RELEASE, 401, "HTTP 401 unauthorized", charged=False))])
+    store.record([Record(c, Outcome(action, 401, "HTTP 401 unauthorized"))])
 
     r = row(engine, event_id)
     assert r.status == "pending"
@@ -323,6 +327,33 @@ def test_record_release_returns_the_row_to_pending_without_spending_an_attempt(e
     assert ids_of(claim(store, token="t2")) == [event_id]
 
 
+@pytest.mark.parametrize("action", RELEASES, ids=lambda a: a.value)
+def test_a_released_row_without_an_answer_keeps_the_one_that_stopped_it_before(
+    engine, store, action
+):
+    (event_id,) = add(engine, "a@x.com")
+    set_row(engine, event_id, attempts=1, last_status_code=503, last_error="HTTP 503 busy")
+    c = claim_one(store, event_id)
+    store.record([Record(c, Outcome(action))])
+
+    r = row(engine, event_id)
+    assert (r.status, r.attempts, r.last_status_code, r.last_error) == (
+        "pending",
+        1,
+        503,
+        "HTTP 503 busy",
+    )
+
+
+def test_a_throttled_row_is_due_again_after_its_pause(engine, store):
+    (event_id,) = add(engine, "a@x.com")
+    c = claim_one(store, event_id)
+    store.record([Record(c, Outcome(Action.THROTTLE, 429, "HTTP 429 slow down", 60.0))])
+
+    assert row(engine, event_id).next_attempt_at > now() + dt.timedelta(seconds=45)
+    assert claim(store, token="t2") == []
+
+
 def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, store):
     ids = add(engine, *(f"c{n}@x.com" for n in range(5)))
     by_id = {c.id: c for c in claim(store)}
@@ -330,8 +361,8 @@ def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, s
         Outcome(Action.DELIVERED, 204),
         Outcome(Action.RETRY, 500, "HTTP 500 boom", 0.0),
         Outcome(Action.DEAD, 422, "HTTP 422 nope"),
-        Outcome(Action.DEAD, None, "invalid event: event: must not be empty", charged=False),
-        Outcome(Action.RELEASE, 429, "HTTP 429 slow down", 1.0, charged=False),
+        Outcome(Action.REJECTED, None, "invalid event: event: must not be empty"),
+        Outcome(Action.THROTTLE, 429, "HTTP 429 slow down", 1.0),
     ]
     store.record([Record(by_id[i], o) for i, o in zip(ids, outcomes, strict=True)])
 
@@ -355,7 +386,10 @@ def test_one_record_call_writes_attempt_rows_for_charged_failures_only(engine, s
         Outcome(Action.DELIVERED, 204),
         Outcome(Action.RETRY, 503, "HTTP 503 late", 60.0),
         Outcome(Action.DEAD, 400, "HTTP 400 late"),
-        Outcome(Action.RELEASE, None, None, charged=False),
+        Outcome(Action.REJECTED, None, "invalid event: late"),
+        Outcome(Action.HALT, 401, "HTTP 401 late"),
+        Outcome(Action.THROTTLE, 429, "HTTP 429 late", 60.0),
+        Outcome(Action.UNSENT),
     ],
     ids=lambda o: o.action.value,
 )
@@ -443,49 +477,6 @@ def test_prune_keeps_deleting_batch_after_batch_until_done(engine, store):
     assert all(row(engine, i) is None for i in ids)
 
 
-# -- stats ---------------------------------------------------------------------------
-
-
-def test_stats_counts_rows_by_status(engine, store):
-    ids = add(engine, *(f"c{n}@x.com" for n in range(6)))
-    claim_one(store, ids[0])  # claims every row: distinct contacts
-    set_row(engine, ids[1:3], status="pending", lease_token=None, lease_expires_at=None)
-    make_delivered(engine, ids[3])
-    make_dead(engine, ids[4:6])
-
-    assert store.stats().counts == {"pending": 2, "in_flight": 1, "delivered": 1, "dead": 2}
-
-
-def test_stats_counts_due_rows(engine, store):
-    _, _, later = add(engine, "a@x.com", "b@x.com", "c@x.com")
-    set_row(engine, later, next_attempt_at=now() + dt.timedelta(hours=1))
-    assert store.stats().due == 2
-
-
-def test_stats_gives_the_age_of_the_oldest_pending_row(engine, store):
-    old, delivered_older = add(engine, "a@x.com", "b@x.com")
-    set_row(engine, old, created_at=now() - dt.timedelta(hours=1))
-    make_delivered(engine, delivered_older, created_at=now() - dt.timedelta(hours=5))
-
-    age = store.stats().oldest_pending_age_s
-    assert age is not None
-    assert 3590 <= age <= 3700
-
-
-def test_stats_oldest_pending_age_is_none_without_pending_rows(engine, store):
-    (event_id,) = add(engine, "a@x.com")
-    make_delivered(engine, event_id)
-    assert store.stats().oldest_pending_age_s is None
-
-
-def test_stats_counts_dead_rows_by_status_code(engine, store):
-    ids = add(engine, *(f"c{n}@x.com" for n in range(4)))
-    make_dead(engine, ids[:2], code=400)
-    make_dead(engine, ids[2], code=422)
-    make_dead(engine, ids[3], code=None)
-    assert store.stats().dead_by_status_code == {"400": 2, "422": 1, "none": 1}
-
-
 # -- the heartbeat ---------------------------------------------------------------------
 
 
@@ -531,30 +522,6 @@ def test_heartbeat_clears_halted_since_once_delivery_resumes(engine, store):
     before = db_now(engine)
     store.heartbeat("host:1", "HTTP 401", 1)  # a new halt starts its own clock
     assert daemon_row(engine).halted_since >= before
-
-
-def test_stats_say_since_when_a_daemon_halted_in_json_and_text(engine, store, capsys):
-    store.heartbeat("host:1", "HTTP 401 unauthorized", 0)
-    store.heartbeat("host:2", None, 5)
-    began = dt.datetime(2026, 12, 3, 9, 30, tzinfo=dt.timezone.utc)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.update(outbox_daemons)
-            .where(outbox_daemons.c.name == "host:1")
-            .values(halted_since=began)
-        )
-    stats = store.stats()
-    halted, delivering = stats.daemons
-    assert halted.halted_since == began and delivering.halted_since is None
-    assert (
-        halted.halted_s_ago is not None
-        and halted.halted_s_ago >= (now() - began).total_seconds() - 5
-    )
-    shown = json.loads(json.dumps(stats.as_dict()))["daemons"]
-    assert [d["halted_since"] for d in shown] == ["2026-12-03T09:30:00+00:00", None]
-    print_stats(stats)
-    line = next(x for x in capsys.readouterr().out.splitlines() if "host:1" in x)
-    assert "HALTED since 2026-12-03 09:30:00 UTC" in line and "HTTP 401 unauthorized" in line
 
 
 # -- the dead-letter view ------------------------------------------------------------

@@ -163,6 +163,16 @@ def test_one_span_per_attempt_and_a_failed_one_is_an_error_without_the_answer(
     assert delivered.attributes["outbox.attempt"] == 2
 
 
+@pytest.mark.parametrize(("code", "outcome"), [(401, "halt"), (429, "throttle")])
+def test_a_released_attempt_says_why_in_its_outcome(engine, endpoint, spans, code, outcome):
+    endpoint.script("cart_updated", Reply(code, b'{"code":"no"}'))
+    enqueue_in_span(engine)
+    deliver(engine, endpoint.url)
+    span = delivery_spans(spans)[0]  # a throttled row may be due again before the run ends
+    assert span.attributes["outbox.outcome"] == outcome
+    assert span.status.status_code is StatusCode.ERROR
+
+
 def test_no_span_holds_the_email_the_payload_or_the_key(engine, endpoint, spans):
     endpoint.script(
         "cart_updated", Reply(400, f'{{"message": "{EMAIL} {PAYLOAD_MARK} {KEY}"}}'.encode())

@@ -18,7 +18,6 @@ from worker.policy import (
     Action,
     Answer,
     RetryBudget,
-    Verdict,
     classify,
     decide,
     pause_for,
@@ -33,172 +32,211 @@ SAMPLES = 200
 
 @pytest.mark.parametrize("code", [200, 201, 202, 204, 299])
 def test_2xx_is_delivered(code: int) -> None:
-    assert classify(code) is Verdict.DELIVERED
+    assert classify(code) is Action.DELIVERED
 
 
 @pytest.mark.parametrize("code", [400, 405, 409, 410, 413, 415, 422, 451, 499])
 def test_permanent_4xx_is_dead(code: int) -> None:
-    assert classify(code) is Verdict.DEAD
+    assert classify(code) is Action.DEAD
 
 
 @pytest.mark.parametrize("code", [408, 500, 502, 503, 504, 599])
 def test_408_and_5xx_are_retried(code: int) -> None:
-    assert classify(code) is Verdict.RETRY
+    assert classify(code) is Action.RETRY
 
 
 def test_no_answer_at_all_is_retried() -> None:
-    assert classify(None) is Verdict.RETRY
+    assert classify(None) is Action.RETRY
 
 
 @pytest.mark.parametrize("code", [401, 403, 404])
 def test_bad_key_or_wrong_url_halts(code: int) -> None:
-    assert classify(code) is Verdict.HALT
+    assert classify(code) is Action.HALT
 
 
 @pytest.mark.parametrize("code", [300, 301, 302, 303, 307, 308])
 def test_3xx_halts_because_redirects_are_not_followed(code: int) -> None:
-    assert classify(code) is Verdict.HALT
+    assert classify(code) is Action.HALT
 
 
 def test_429_throttles() -> None:
-    assert classify(429) is Verdict.THROTTLE
+    assert classify(429) is Action.THROTTLE
+
+
+# -- what each action writes -------------------------------------------------------
+
+# action: (the row's status, an attempt spent, released, an outbox_attempts row)
+WRITES = {
+    Action.DELIVERED: ("delivered", True, False, False),
+    Action.RETRY: ("pending", True, False, True),
+    Action.DEAD: ("dead", True, False, True),
+    Action.REJECTED: ("dead", False, False, False),
+    Action.HALT: ("pending", False, True, False),
+    Action.THROTTLE: ("pending", False, True, False),
+    Action.UNSENT: ("pending", False, True, False),
+}
+
+
+@pytest.mark.parametrize("action", list(Action), ids=lambda a: a.value)
+def test_each_action_says_what_it_writes(action: Action) -> None:
+    said = (action.status, action.charged, action.released, action.writes_attempt)
+    assert said == WRITES[action]
+
+
+def test_a_share_of_a_batch_answer_is_decided_by_its_own_action() -> None:
+    share = Answer(400, None, action=Action.DELIVERED)  # a 400 naming another event
+    assert decide(share, 0, YOUNG, RetryBudget()).action is Action.DELIVERED
 
 
 # -- decide -----------------------------------------------------------------------
 
 
 def test_delivery_is_marked_delivered() -> None:
-    verdict, outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
-    assert (verdict, outcome.action) == (Verdict.DELIVERED, Action.DELIVERED)
+    outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
+    assert outcome.action is Action.DELIVERED
 
 
 def test_delivery_charges_one_attempt() -> None:
-    _, outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
-    assert outcome.charged
+    outcome = decide(Answer(204), 0, YOUNG, RetryBudget())
+    assert outcome.action.charged
 
 
 def test_delivery_keeps_no_error() -> None:
-    _, outcome = decide(Answer(204, "ignored"), 0, YOUNG, RetryBudget())
+    outcome = decide(Answer(204, "ignored"), 0, YOUNG, RetryBudget())
     assert outcome.error is None
 
 
 def test_400_is_dead_at_once_on_the_first_attempt() -> None:
-    _, outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
+    outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
     assert outcome.action is Action.DEAD
 
 
 def test_dead_charges_once() -> None:
-    _, outcome = decide(Answer(422, "HTTP 422 nope"), 0, YOUNG, RetryBudget())
-    assert outcome.charged
+    outcome = decide(Answer(422, "HTTP 422 nope"), 0, YOUNG, RetryBudget())
+    assert outcome.action.charged
 
 
 def test_dead_keeps_the_endpoints_words_and_code() -> None:
-    _, outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
+    outcome = decide(Answer(400, "HTTP 400 invalid_parameter: bad"), 0, YOUNG, RetryBudget())
     assert (outcome.status_code, outcome.error) == (400, "HTTP 400 invalid_parameter: bad")
 
 
 @pytest.mark.parametrize("code", [401, 403, 404, 302])
 def test_halt_releases_the_row(code: int) -> None:
-    _, outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
-    assert outcome.action is Action.RELEASE
+    outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
+    assert outcome.action is Action.HALT and outcome.action.released
 
 
 @pytest.mark.parametrize("code", [401, 403, 404, 302])
 def test_halt_charges_nothing(code: int) -> None:
-    _, outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
-    assert not outcome.charged
+    outcome = decide(Answer(code, "no"), 5, YOUNG, RetryBudget())
+    assert not outcome.action.charged
 
 
 def test_throttle_releases_the_row_uncharged() -> None:
-    _, outcome = decide(Answer(429, "HTTP 429"), 5, YOUNG, RetryBudget())
-    assert (outcome.action, outcome.charged) == (Action.RELEASE, False)
+    outcome = decide(Answer(429, "HTTP 429"), 5, YOUNG, RetryBudget())
+    assert (outcome.action, outcome.action.released, outcome.action.charged) == (
+        Action.THROTTLE,
+        True,
+        False,
+    )
+
+
+def test_a_throttled_row_is_due_when_the_pause_in_effect_ends() -> None:
+    outcome = decide(Answer(429, "HTTP 429"), 0, YOUNG, RetryBudget(), paused_for=42.5)
+    assert outcome.retry_in == 42.5
+
+
+def test_a_halted_row_is_due_at_once_for_the_probe() -> None:
+    outcome = decide(Answer(401, "no"), 0, YOUNG, RetryBudget(), paused_for=42.5)
+    assert outcome.retry_in == 0.0
 
 
 def test_halt_is_released_even_on_the_last_attempt_of_the_budget() -> None:
     budget = RetryBudget(max_attempts=3)
-    _, outcome = decide(Answer(401, "no"), 2, YOUNG, budget)
-    assert outcome.action is Action.RELEASE
+    outcome = decide(Answer(401, "no"), 2, YOUNG, budget)
+    assert outcome.action is Action.HALT
 
 
 def test_throttle_is_released_even_past_the_maximum_age() -> None:
     budget = RetryBudget(max_age=dt.timedelta(hours=1))
-    _, outcome = decide(Answer(429, "slow"), 0, dt.timedelta(hours=2), budget)
-    assert outcome.action is Action.RELEASE
+    outcome = decide(Answer(429, "slow"), 0, dt.timedelta(hours=2), budget)
+    assert outcome.action is Action.THROTTLE
 
 
 @pytest.mark.parametrize("code", [None, 408, 500, 503])
 def test_retryable_failure_is_retried_and_charged(code: int | None) -> None:
-    _, outcome = decide(Answer(code, "boom"), 0, YOUNG, RetryBudget())
-    assert (outcome.action, outcome.charged) == (Action.RETRY, True)
+    outcome = decide(Answer(code, "boom"), 0, YOUNG, RetryBudget())
+    assert (outcome.action, outcome.action.charged) == (Action.RETRY, True)
 
 
 def test_retry_keeps_the_error() -> None:
-    _, outcome = decide(Answer(None, "connect timeout"), 0, YOUNG, RetryBudget())
+    outcome = decide(Answer(None, "connect timeout"), 0, YOUNG, RetryBudget())
     assert outcome.error == "connect timeout"
 
 
 def test_retry_is_scheduled_by_the_backoff_of_the_next_attempt() -> None:
     budget = RetryBudget(backoff_base=10, backoff_max=1000)
-    _, outcome = decide(Answer(502, "HTTP 502"), 3, YOUNG, budget)
+    outcome = decide(Answer(502, "HTTP 502"), 3, YOUNG, budget)
     assert 40 <= outcome.retry_in <= 80  # the 4th attempt: step 10 * 2**3, half jitter
 
 
 def test_retries_continue_until_the_last_attempt_of_the_budget() -> None:
     budget = RetryBudget(max_attempts=3)
-    actions = [decide(Answer(503, "HTTP 503"), n, YOUNG, budget)[1].action for n in (0, 1)]
+    actions = [decide(Answer(503, "HTTP 503"), n, YOUNG, budget).action for n in (0, 1)]
     assert actions == [Action.RETRY, Action.RETRY]
 
 
 def test_the_last_attempt_of_the_budget_is_dead() -> None:
     budget = RetryBudget(max_attempts=3)
-    _, outcome = decide(Answer(503, "HTTP 503"), 2, YOUNG, budget)
-    assert (outcome.action, outcome.charged) == (Action.DEAD, True)
+    outcome = decide(Answer(503, "HTTP 503"), 2, YOUNG, budget)
+    assert (outcome.action, outcome.action.charged) == (Action.DEAD, True)
 
 
 def test_giving_up_on_attempts_says_so() -> None:
     budget = RetryBudget(max_attempts=3)
-    _, outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
+    outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
     assert outcome.error is not None
     assert "gave up after 3 attempts" in outcome.error
 
 
 def test_giving_up_keeps_the_last_error() -> None:
     budget = RetryBudget(max_attempts=3)
-    _, outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
+    outcome = decide(Answer(None, "connect timeout"), 2, YOUNG, budget)
     assert outcome.error is not None and outcome.error.startswith("connect timeout")
 
 
 def test_a_budget_of_one_attempt_never_retries() -> None:
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, YOUNG, RetryBudget(max_attempts=1))
+    outcome = decide(Answer(500, "HTTP 500"), 0, YOUNG, RetryBudget(max_attempts=1))
     assert outcome.action is Action.DEAD
 
 
 def test_event_older_than_max_age_is_dead() -> None:
     budget = RetryBudget(max_age=dt.timedelta(hours=1))
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
+    outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
     assert outcome.action is Action.DEAD
 
 
 def test_event_whose_next_retry_would_pass_max_age_is_dead() -> None:
     budget = RetryBudget(max_age=dt.timedelta(hours=1), backoff_base=10)
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=59, seconds=59), budget)
+    outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=59, seconds=59), budget)
     assert outcome.action is Action.DEAD
 
 
 def test_giving_up_on_age_says_so() -> None:
     budget = RetryBudget(max_age=dt.timedelta(hours=1))
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
+    outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(hours=2), budget)
     assert outcome.error is not None and "older than 1h" in outcome.error
 
 
 def test_event_well_inside_max_age_is_retried() -> None:
     budget = RetryBudget(max_age=dt.timedelta(hours=1), backoff_base=10)
-    _, outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=30), budget)
+    outcome = decide(Answer(500, "HTTP 500"), 0, dt.timedelta(minutes=30), budget)
     assert outcome.action is Action.RETRY
 
 
 def test_duration_is_carried_into_the_outcome() -> None:
-    _, outcome = decide(Answer(500, "HTTP 500", duration_ms=123), 0, YOUNG, RetryBudget())
+    outcome = decide(Answer(500, "HTTP 500", duration_ms=123), 0, YOUNG, RetryBudget())
     assert outcome.duration_ms == 123
 
 

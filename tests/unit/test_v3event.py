@@ -13,7 +13,7 @@ from worker import InvalidEvent, track_event
 from worker.batch import V3BatchTransport, failed_indexes
 from worker.delivery import Deliverer
 from worker.event import validate
-from worker.policy import Answer, Verdict, classify
+from worker.policy import Action, Answer, classify
 from worker.store import ClaimedEvent
 from worker.v3event import body, check, event_date
 
@@ -170,22 +170,22 @@ def exchange(answers, count: int = 8):
     return shares, sent, result
 
 
-def verdicts(shares) -> dict[int, Any]:
-    return {i: (s.verdict or classify(s.status_code)) if s else None for i, s in shares.items()}
+def actions(shares) -> dict[int, Any]:
+    return {i: (s.action or classify(s.status_code)) if s else None for i, s in shares.items()}
 
 
 def test_a_400_naming_indexes_dead_letters_those_and_delivers_the_rest():
     body = json.dumps({"errors": [{"eventIndex": [2, 5], "message": "bad name"}]}).encode()
     shares, sent, _ = exchange([Answer(400, "HTTP 400", content=body)])
     assert sent == [8]
-    dead = {i for i, v in verdicts(shares).items() if v is Verdict.DEAD}
-    assert dead == {2, 5} and set(verdicts(shares).values()) == {Verdict.DEAD, Verdict.DELIVERED}
+    dead = {i for i, v in actions(shares).items() if v is Action.DEAD}
+    assert dead == {2, 5} and set(actions(shares).values()) == {Action.DEAD, Action.DELIVERED}
     assert shares[2].error == "HTTP 400 bad name (eventIndex 2 of a batch of 8)"
 
 
 def test_a_207_naming_none_delivers_all():
     shares, _, _ = exchange([Answer(207, None, content=b'{"message": "ok"}')])
-    assert set(verdicts(shares).values()) == {Verdict.DELIVERED}
+    assert set(actions(shares).values()) == {Action.DELIVERED}
 
 
 def test_a_400_naming_none_is_split_until_the_bad_event_is_alone():
@@ -195,14 +195,14 @@ def test_a_400_naming_none_is_split_until_the_bad_event_is_alone():
 
     shares, sent, result = exchange(answers)
     assert sent == [8, 4, 4, 2, 1, 1, 2]  # depth first: the bad half is split before the next
-    assert {i for i, v in verdicts(shares).items() if v is Verdict.DEAD} == {5}
+    assert {i for i, v in actions(shares).items() if v is Action.DEAD} == {5}
     assert len(result.answers) == len(sent) and len(shares) == 8
 
 
 def test_a_413_naming_none_is_split_too():
     answers = [Answer(413, "HTTP 413 too large")] + [Answer(202)] * 2
     shares, sent, _ = exchange(answers)
-    assert sent == [8, 4, 4] and set(verdicts(shares).values()) == {Verdict.DELIVERED}
+    assert sent == [8, 4, 4] and set(actions(shares).values()) == {Action.DELIVERED}
 
 
 def test_a_split_stops_at_a_429_and_sends_no_more_halves():

@@ -18,7 +18,6 @@ from worker import admin_reports
 from worker.admin import STATUSES, EventFilter, InvalidSelection
 from worker.console import chart
 from worker.console.context import Console
-from worker.store import DEAD_BY_CODE_SAMPLE
 from worker.when import InvalidTime, parse_when
 
 # The filter fields each list page offers, in the order the form shows them.
@@ -73,7 +72,7 @@ def _before_id(request: Request) -> int | None:
 
 
 def overview(console: Console, request: Request) -> Response:
-    stats = console.admin.stats(count_limit=OVERVIEW_COUNT_LIMIT)
+    stats = admin_reports.stats(console.engine, count_limit=OVERVIEW_COUNT_LIMIT)
     minutes = admin_reports.throughput(console.engine)
     name = "overview_live.html" if request.query_params.get("live") else "overview.html"
     return console.render(
@@ -81,7 +80,7 @@ def overview(console: Console, request: Request) -> Response:
         name,
         stats=stats,
         chart=chart.throughput_chart(minutes),
-        dead_sample=DEAD_BY_CODE_SAMPLE,
+        dead_sample=admin_reports.DEAD_BY_CODE_SAMPLE,
     )
 
 

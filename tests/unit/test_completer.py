@@ -1,0 +1,40 @@
+"""The completer: what it counts for each outcome it is handed (the metrics' labels)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+
+from worker.completer import Completer
+from worker.policy import Action, Outcome
+from worker.store import ClaimedEvent, OutboxStore
+from worker.telemetry import Telemetry
+
+NOW = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+
+# action, its answer's code: the counter and labels it adds one to
+COUNTED = [
+    (Action.DELIVERED, 204, "outbox_events_delivered_total", {}),
+    (Action.RETRY, 503, "outbox_events_retried_total", {"status_code": "503"}),
+    (Action.DEAD, 400, "outbox_events_dead_total", {"status_code": "400"}),
+    (Action.REJECTED, None, "outbox_events_dead_total", {"status_code": "none"}),
+    (Action.HALT, 401, "outbox_events_released_total", {"reason": "halt"}),
+    (Action.THROTTLE, 429, "outbox_events_released_total", {"reason": "throttle"}),
+    (Action.UNSENT, None, "outbox_events_released_total", {"reason": "unsent"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("action", "code", "metric", "labels"), COUNTED, ids=[c[0].value for c in COUNTED]
+)
+def test_each_outcome_is_counted_under_its_metric(
+    action: Action, code: int | None, metric: str, labels: dict[str, str]
+) -> None:
+    telemetry = Telemetry()
+    # The store is not asked anything until a flush.
+    completer = Completer(OutboxStore(sa.create_engine("sqlite://")), telemetry, lease=60.0)
+    event = ClaimedEvent(1, "a@example.com", "e", None, None, 0, NOW, "host:1:1")
+    completer.finish(event, Outcome(action, code))
+    assert telemetry.registry.get_sample_value(metric, labels) == 1
