@@ -26,6 +26,7 @@ from worker.schema import (
     DELIVERED,
     IN_FLIGHT,
     PENDING,
+    STATUS_INDEX_ORDER,
     outbox_attempts,
     outbox_daemons,
     outbox_events,
@@ -474,7 +475,10 @@ def _status_count(status: str, limit: int | None) -> Any:
     where = e.c.status == sa.literal_column(f"'{status}'")
     if limit is None:
         return sa.select(sa.func.count()).where(where)
-    capped = sa.select(e.c.id).where(where).limit(limit + 1).subquery()
+    # In the partial index's order, so that the count reads that index, not the table.
+    capped = (
+        sa.select(e.c.id).where(where).order_by(STATUS_INDEX_ORDER[status]).limit(limit + 1)
+    ).subquery()
     return sa.select(sa.func.count()).select_from(capped)
 
 
