@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from starlette.testclient import TestClient
 
+from worker import admin_reports
 from worker.admin import OutboxAdmin
 from worker.backends.sql import seconds_from_now
+from worker.console.app import ConsoleOptions, create_app
 from worker.console.pages import OVERVIEW_COUNT_LIMIT
 from worker.schema import outbox_attempts, outbox_events
 
@@ -93,6 +96,52 @@ def plans_of(engine: sa.Engine, action: Callable[[], Any]) -> Iterator[tuple[str
         for statement, params in seen:
             rows = conn.exec_driver_sql(f"{explain} {statement}", params).all()
             yield statement, "\n".join(str(r[-1]) for r in rows)
+
+
+def history_reads(plan: str) -> list[str]:
+    """What in a plan reads history: a table scanned whole, or walked by id until
+    enough rows match (a scan of a status's partial index is neither)."""
+    reads = re.findall(r"Seq Scan on outbox_\w+", plan)  # PostgreSQL
+    reads += re.findall(r"Index Cond: \(id [<>]", plan)
+    reads += re.findall(r"\bSCAN outbox_\w+\b(?! USING)", plan)  # SQLite
+    reads += re.findall(r"INTEGER PRIMARY KEY \(rowid[<>]", plan)
+    return reads
+
+
+def client_for(engine: sa.Engine) -> TestClient:
+    return TestClient(create_app(engine, ConsoleOptions()), base_url="http://127.0.0.1")
+
+
+def assert_no_history_read(engine: sa.Engine, path: str) -> None:
+    client = client_for(engine)
+    for statement, plan in plans_of(engine, lambda: client.get(path).raise_for_status()):
+        assert not history_reads(plan), f"{statement}\n{plan}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/events?email=C123@Example.com",
+        f"/events?event={RARE_EVENT}",
+        "/dead-letters?email=c123@example.com",
+        f"/dead-letters?event={RARE_EVENT}",
+        f"/events?event={RARE_EVENT}&before_id={ROWS // 2}",
+    ],
+)
+def test_searching_events_by_email_or_event_name_reads_an_index_not_history(history, path):
+    assert_no_history_read(history, path)
+
+
+def test_one_event_finds_its_contacts_events_through_an_index(history):
+    with history.connect() as conn:
+        some = conn.execute(sa.select(sa.func.max(e.c.id)).where(e.c.email == "c7@example.com"))
+        event_id = some.scalar_one()
+    assert_no_history_read(history, f"/events/{event_id}")
+
+
+def test_the_last_hours_figures_read_only_the_last_hour(history):
+    for statement, plan in plans_of(history, lambda: admin_reports.throughput(history)):
+        assert not history_reads(plan), f"{statement}\n{plan}"
 
 
 STATUS_INDEXES = {

@@ -1,10 +1,10 @@
 """What an operator reads at a glance, beyond lists: throughput by minute, blocked
 contacts, the events of one contact around one of its events.
 
-Read-only statements over an engine, each served by an index the daemon
-already keeps (the delivered index, the open-contact index), so that they cost
-the same with a million rows of history as with none. The selections and
-changes are worker.admin's.
+Read-only statements over an engine, each served by an index (the delivered and
+open-contact ones the daemon keeps; the attempts' time and the contact index for
+the console), so that they cost the same with a million rows of history as with
+none. The selections and changes are worker.admin's.
 """
 
 from __future__ import annotations
