@@ -3,8 +3,9 @@
 Every selection is one EventFilter, turned into one WHERE clause, so that the
 command line and a web console pick the same rows for the same filters. Lists
 are keyset-paginated by id, newest first: a page costs the same on the first
-and the thousandth. The daemon's own statements stay in worker.store, and the
-operator's readings (stats, reports) are worker.admin_reports'.
+and the thousandth, and a filter by email or event name reads only the matching
+rows (the contact and event indexes). The daemon's own statements stay in
+worker.store, and the operator's readings (stats, reports) are worker.admin_reports'.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ migrated database against it, on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -101,6 +103,21 @@ sa.Index(
     postgresql_where=sa.text(_dead),
     sqlite_where=sa.text(_dead),
 )
+# The console's searches, newest first whatever the history's size: one contact's
+# events (by the contact key, as the daemon compares contacts) and one event name's.
+# Both take an entry for every row written or changed (migration 0008).
+sa.Index("ix_outbox_events_contact", contact_key(outbox_events.c.email), outbox_events.c.id)
+sa.Index("ix_outbox_events_event", outbox_events.c.event, outbox_events.c.id)
+
+# The column each status's partial index above is ordered by: a statement over
+# one status that orders by it reads that index. SQLite's planner otherwise
+# scans the table for the status most rows have (the console's capped counts).
+STATUS_INDEX_ORDER: dict[str, sa.Column[Any]] = {
+    "pending": outbox_events.c.next_attempt_at,
+    "in_flight": outbox_events.c.lease_expires_at,
+    "delivered": outbox_events.c.delivered_at,
+    "dead": outbox_events.c.id,
+}
 
 outbox_attempts = sa.Table(
     "outbox_attempts",
@@ -120,6 +137,8 @@ outbox_attempts = sa.Table(
     sqlite_autoincrement=True,
 )
 sa.Index("ix_outbox_attempts_event_id", outbox_attempts.c.event_id)
+# Failed attempts per minute over the last hour (the console) without reading them all.
+sa.Index("ix_outbox_attempts_attempted_at", outbox_attempts.c.attempted_at)
 
 # One row per running daemon, written by its maintenance thread: which daemons
 # are alive, and whether one has halted delivery (for `stats` and operators).

@@ -2,7 +2,7 @@
 
 What a backend promises, checked through a real SQLite file and a real
 PostgreSQL server: a batch bound in one statement arrives whole and in order,
-the upsert skips a conflict, the clock and a contact's key read alike, the
+the upsert skips a conflict, the clock, a contact's key and a minute read alike, the
 maintenance lead and the migration lock exclude as the backend says, and its
 wake-ups (where it has them) hear a committed insert.
 """
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from tests.daemons import wait_until
 from worker import db
 from worker.backends import all_backends, backend_for
-from worker.backends.sql import contact_key, seconds_from_now, utcnow
+from worker.backends.sql import contact_key, minute_of, seconds_from_now, utcnow
 from worker.schema import outbox_events
 
 _scratch = sa.MetaData()
@@ -82,6 +82,24 @@ def test_the_clock_is_utc_and_seconds_from_now_adds_seconds(engine):
     assert now.tzinfo is dt.timezone.utc
     assert abs((dt.datetime.now(dt.timezone.utc) - now).total_seconds()) < 60
     assert (later - now).total_seconds() == pytest.approx(90.5, abs=0.01)
+
+
+def test_the_minute_of_a_stored_timestamp_reads_alike(engine):
+    given = dt.datetime(2026, 12, 4, 23, 59, 59, 999_000, tzinfo=dt.timezone.utc)
+    with engine.begin() as conn:
+        (event_id,) = conn.execute(
+            sa.insert(outbox_events)
+            .values(email="m@example.com", event="e", delivered_at=given)
+            .returning(outbox_events.c.id)
+        ).one()
+        by_clock, stored = conn.execute(
+            sa.select(minute_of(utcnow()), minute_of(outbox_events.c.delivered_at)).where(
+                outbox_events.c.id == event_id
+            )
+        ).one()
+    assert stored == "2026-12-04 23:59"
+    minute = dt.datetime.strptime(by_clock, "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
+    assert abs(dt.datetime.now(dt.timezone.utc) - minute) < dt.timedelta(minutes=2)
 
 
 def test_a_contacts_key_folds_ascii_letters_only(engine):

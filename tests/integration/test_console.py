@@ -109,6 +109,24 @@ def test_overview_says_loudly_when_delivery_is_halted_or_paused(engine, client):
     assert "host-a:1" in shown and "host-b:2" in shown
 
 
+def test_overview_daemons_table_says_since_when_halted_and_until_when_paused(engine, client):
+    began = (now() - dt.timedelta(hours=3)).replace(microsecond=0)
+    until = (now() + dt.timedelta(minutes=30)).replace(microsecond=0)
+    add_daemon(engine, "host-a:1", halted_reason="HTTP 401 unauthorized", halted_since=began)
+    add_daemon(engine, "host-b:2", paused_until=until)
+    add_daemon(engine, "host-c:3", halted_reason="HTTP 401 unauthorized")  # before 0007 filled it
+    table = client.get("/").text.split('id="daemons"')[1].split("</table>")[0]
+    states = {
+        text_of(cells[0]): text_of(cells[-1])
+        for cells in (re.findall(r"<td>(.*?)</td>", tr, re.S) for tr in table.split("<tr>")[2:])
+    }
+    assert states == {
+        "host-a:1": f"halted since {began:%Y-%m-%d %H:%M:%S} UTC (3.0h ago)",
+        "host-b:2": f"paused until {until:%Y-%m-%d %H:%M:%S} UTC",
+        "host-c:3": "halted",
+    }
+
+
 def test_overview_refreshes_only_its_live_part(engine, client):
     add(engine, "a@example.com")
     live = client.get("/?live=1")

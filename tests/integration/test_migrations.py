@@ -65,6 +65,12 @@ def same_rows(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> bool:
 
 
 _TABLES_AT_0002 = "('outbox_events', 'outbox_attempts', 'outbox_dead_letters', 'outbox_daemons')"
+# What 0008 adds to them: every other revision keeps their indexes as they are.
+CONSOLE_INDEXES = {
+    "ix_outbox_events_contact",
+    "ix_outbox_events_event",
+    "ix_outbox_attempts_attempted_at",
+}
 
 
 def index_names(engine: sa.Engine) -> set[str]:
@@ -144,7 +150,7 @@ def test_migrating_0002_to_head_keeps_every_row_and_index(empty_engine):
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
     db.migrate(empty_engine)
     assert same_rows(snapshot(empty_engine), before)
-    assert index_names(empty_engine) == indexes
+    assert index_names(empty_engine) == indexes | CONSOLE_INDEXES
     assert len(before["outbox_attempts"]) == 2 and len(before["outbox_dead_letters"]) == 1
 
 
@@ -186,7 +192,7 @@ def test_downgrading_0003_keeps_every_row(empty_engine):
         command.downgrade(config, "0002")
     assert db.schema_revision(empty_engine)[0] == "0002"
     assert same_rows(snapshot(empty_engine), before)
-    assert index_names(empty_engine) == indexes
+    assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
 
 
 # -- 0006: the trace context ---------------------------------------------------------
@@ -217,7 +223,7 @@ def test_downgrading_0006_keeps_every_row_and_index(empty_engine):
     after = snapshot(empty_engine)
     assert "traceparent" not in after["outbox_events"][0]
     assert same_rows(after, before)
-    assert index_names(empty_engine) == indexes
+    assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
 
 
 # -- 0007: since when a daemon has halted delivery ---------------------------------
@@ -263,4 +269,37 @@ def test_downgrading_0007_keeps_every_daemon_and_event(empty_engine):
     (daemon,) = daemon_rows(empty_engine)
     assert "halted_since" not in daemon and daemon["halted_reason"] == "HTTP 401"
     assert same_rows(snapshot(empty_engine), before)
-    assert index_names(empty_engine) == indexes
+    assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
+
+
+# -- 0008: the console's indexes ---------------------------------------------------
+
+
+def test_migrating_to_0008_keeps_every_row_and_adds_the_console_indexes(empty_engine):
+    db.migrate(empty_engine, "0007")
+    fill_at_0002(empty_engine)
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    db.migrate(empty_engine, "0008")
+    assert same_rows(snapshot(empty_engine), before)
+    assert index_names(empty_engine) == indexes | CONSOLE_INDEXES
+
+
+def test_0008_keeps_a_console_index_the_operator_built_beforehand(empty_engine):
+    """As the runbook says: built first without blocking writes, then skipped by 0008."""
+    db.migrate(empty_engine, "0007")
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("CREATE INDEX ix_outbox_events_event ON outbox_events (event, id)"))
+    db.migrate(empty_engine, "0008")
+    assert index_names(empty_engine) >= CONSOLE_INDEXES
+
+
+def test_downgrading_0008_drops_only_the_console_indexes(empty_engine):
+    db.migrate(empty_engine, "0008")
+    fill_at_0002(empty_engine)
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    config = db._alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0007")
+    assert same_rows(snapshot(empty_engine), before)
+    assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
