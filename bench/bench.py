@@ -4,7 +4,8 @@ Run it with `bash bench/run` (installs nginx and wrk when missing). It starts
 its own PostgreSQL from the server binaries and an nginx that answers 204 on
 127.0.0.1, and prints one table per question: every figure is the median of
 several runs, every timing also a ratio against a baseline measured in the
-same invocation.
+same invocation. `bench/compare.py` measures this checkout's throughput against
+another checkout's (an older commit's worktree), in interleaved rounds.
 """
 
 from __future__ import annotations
