@@ -110,7 +110,7 @@ def main() -> None:
     print(f"# this checkout against another, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"this: {ROOT} ({versions['this']}); other: {other_root} ({versions['other']})")
     print(f"{args.events:,} events a run, {args.rounds} interleaved rounds")
-    print(machine(), flush=True)
+    print(f"{machine()} (at the start)", flush=True)
     with environment() as (pg, nginx, workdir):
         configs = [(be, *c) for be in backends(pg, workdir) for c in be.throughput_configs()]
         samples = {(i, c.name): Samples() for i in range(len(configs)) for c in (this, other)}
