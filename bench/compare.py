@@ -54,6 +54,11 @@ class Checkout:
 
     def check(self) -> str:
         """Its commit; exits unless its interpreter imports its own `worker`."""
+        if not Path(self.python).exists():
+            sys.exit(
+                f"compare: no {self.python}: make it with `python3 -m venv .venv &&"
+                " .venv/bin/pip install -e .` in that checkout"
+            )
         found = Path(self.run("-c", "import worker; print(worker.__file__)").strip())
         if not found.is_relative_to(self.root):
             sys.exit(f"compare: {self.python} imports {found}, not {self.root}/worker")
