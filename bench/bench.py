@@ -4,7 +4,8 @@ Run it with `bash bench/run` (installs nginx and wrk when missing). It starts
 its own PostgreSQL from the server binaries and an nginx that answers 204 on
 127.0.0.1, and prints one table per question: every figure is the median of
 several runs, every timing also a ratio against a baseline measured in the
-same invocation.
+same invocation. `bench/compare.py` measures this checkout's throughput against
+another checkout's (an older commit's worktree), in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latency import latency  # noqa: E402  (bench/ is the script's folder)
+from backlog import BAD_EVENT, fill  # noqa: E402  (bench/ is the script's folder)
+from latency import latency  # noqa: E402
 from tracing_cost import tracing_cost  # noqa: E402
 
 from tests.pgserver import PostgresServer, free_port  # noqa: E402
@@ -43,8 +45,13 @@ BODY = (
     '"eventdata":{"id":"cart:1001","data":{"price":"50.00"}}}'
 )
 DEFAULT_FLAGS: list[str] = []
-BAD_EVENT = "refused_event"
 BEST_FLAGS = ["--concurrency", "32", "--batch-size", "200"]
+# The throughput question's settings: label, flags, daemon processes.
+THROUGHPUT_CONFIGS = [
+    ("defaults", DEFAULT_FLAGS, 1),
+    ("best, 1 process", BEST_FLAGS, 1),
+    ("best, 2 processes", BEST_FLAGS, 2),
+]
 
 
 # -- the endpoint ------------------------------------------------------------
@@ -110,60 +117,36 @@ def wrk_ceiling(url: str, seconds: int = 5, connections: int = 16) -> float:
 @dataclass
 class Backend:
     name: str
-    new_url: Callable[[], str]
+    new_database: Callable[[], str]  # the URL of a fresh, empty database
+
+    def new_url(self) -> str:
+        """A fresh database, migrated by this checkout."""
+        url = self.new_database()
+        engine = db.create_engine(url)
+        db.migrate(engine)
+        engine.dispose()
+        return url
+
+    def throughput_configs(self) -> list[tuple[str, list[str], int]]:
+        # One daemon per SQLite file.
+        return [c for c in THROUGHPUT_CONFIGS if self.name != "sqlite" or c[2] == 1]
 
 
 def backends(pg: PostgresServer, workdir: Path) -> list[Backend]:
     counter = iter(range(10**6))
 
-    def pg_url() -> str:
+    def pg_database() -> str:
         name = f"bench_{next(counter)}"
         admin = sa.create_engine(pg.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(sa.text(f"CREATE DATABASE {name}"))
         admin.dispose()
-        return _migrated(pg.url(name))
+        return pg.url(name)
 
-    def sqlite_url() -> str:
-        return _migrated(f"sqlite:///{workdir / f'bench_{next(counter)}.db'}")
+    def sqlite_database() -> str:
+        return f"sqlite:///{workdir / f'bench_{next(counter)}.db'}"
 
-    return [Backend("postgresql", pg_url), Backend("sqlite", sqlite_url)]
-
-
-def _migrated(url: str) -> str:
-    engine = db.create_engine(url)
-    db.migrate(engine)
-    engine.dispose()
-    return url
-
-
-def fill(
-    url: str,
-    n: int,
-    contacts: int | None = None,
-    status: str = "pending",
-    bad: frozenset[int] = frozenset(),
-) -> None:
-    """n events, one contact each unless `contacts` is given; those numbered in `bad`
-    named BAD_EVENT, which the sink refuses."""
-    engine = db.create_engine(url)
-    chunk = 5000
-    with engine.begin() as conn:
-        for start in range(0, n, chunk):
-            conn.execute(
-                sa.insert(outbox_events),
-                [
-                    {
-                        "email": f"c{(i % contacts) if contacts else i}@example.com",
-                        "event": BAD_EVENT if i in bad else "cart_updated",
-                        "properties": {"FIRSTNAME": "Jane"},
-                        "eventdata": {"id": f"cart:{i}", "data": {"price": "50.00"}},
-                        "status": status,
-                    }
-                    for i in range(start, min(n, start + chunk))
-                ],
-            )
-    engine.dispose()
+    return [Backend("postgresql", pg_database), Backend("sqlite", sqlite_database)]
 
 
 def count(url: str, status: str) -> int:
@@ -186,15 +169,25 @@ class RunResult:
     max_rss_kb: int
 
 
-def run_daemon(url: str, endpoint: str, flags: list[str], processes: int = 1) -> RunResult:
-    """`outbox-worker run --exit-when-drained` as real processes; wall and CPU time."""
+def run_daemon(
+    url: str,
+    endpoint: str,
+    flags: list[str],
+    processes: int = 1,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+) -> RunResult:
+    """`outbox-worker run --exit-when-drained` as real processes; wall and CPU time.
+
+    `python -m worker` runs the `worker` package found from `cwd` first: another
+    checkout's daemon is that checkout's interpreter run in its own directory."""
     env = {**os.environ, "OUTBOX_MA_KEY": KEY, "OUTBOX_API_KEY": KEY}
     command = [
-        sys.executable, "-m", "worker", "run", "--exit-when-drained", "--log-level", "WARNING",
+        python, "-m", "worker", "run", "--exit-when-drained", "--log-level", "WARNING",
         "--database-url", url, "--endpoint-url", endpoint, *flags,
     ]  # fmt: skip
     started = time.monotonic()
-    procs = [subprocess.Popen(command, env=env) for _ in range(processes)]
+    procs = [subprocess.Popen(command, env=env, cwd=cwd) for _ in range(processes)]
     cpu, rss = 0.0, 0
     for proc in procs:
         _, status, usage = os.wait4(proc.pid, 0)
@@ -214,13 +207,9 @@ def throughput(args: argparse.Namespace, bes: list[Backend], nginx: Nginx, ceili
     print(f"wrk ceiling of the endpoint: {ceiling:,.0f} requests/s\n")
     print("| backend | events | settings | events/s | worker CPU ms/event | of ceiling |")
     print("|---|---:|---|---:|---:|---:|")
-    configs = [("defaults", DEFAULT_FLAGS, 1), ("best, 1 process", BEST_FLAGS, 1)]
-    configs.append(("best, 2 processes", BEST_FLAGS, 2))
     for be in bes:
         for n in args.sizes:
-            for label, flags, procs in configs:
-                if be.name == "sqlite" and procs > 1:
-                    continue  # one daemon per SQLite file
+            for label, flags, procs in be.throughput_configs():
                 rates, cpus = [], []
                 for _ in range(args.repeat):
                     url = be.new_url()
@@ -496,6 +485,15 @@ def bad_events(args: argparse.Namespace, bes: list[Backend]) -> None:
 # -- main ------------------------------------------------------------------------
 
 
+def machine() -> str:
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores,"
+        f" {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB;"
+        f" Python {platform.python_version()}; sqlite {__import__('sqlite3').sqlite_version};"
+        f" load average {os.getloadavg()[0]:.1f}"
+    )
+
+
 @contextlib.contextmanager
 def environment() -> Iterator[tuple[PostgresServer, Nginx, Path]]:
     workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
@@ -534,11 +532,7 @@ def main() -> None:
     )
 
     print(f"# outbox-worker benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores,"
-        f" {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB;"
-        f" Python {platform.python_version()}; sqlite {__import__('sqlite3').sqlite_version}"
-    )
+    print(machine())
     with environment() as (pg, nginx, workdir):
         bes = backends(pg, workdir)
         ceiling = wrk_ceiling(nginx.url)
