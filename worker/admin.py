@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from worker import v3event
 from worker.backends import backend_for
 from worker.backends.sql import UTCDateTime, contact_key, seconds_from_now, utcnow
 from worker.event import MAX_BODY_BYTES, InvalidEvent, from_stored
@@ -153,6 +154,7 @@ class EventDetail:
     body: str | None  # exactly what is sent, or None when the row cannot be sent
     body_error: str | None
     attempts: Sequence[Any]
+    transport: str  # whose body it is: a v3 batch's is this event's element of its list
 
 
 class OutboxAdmin:
@@ -173,7 +175,13 @@ class OutboxAdmin:
         more = len(rows) > limit
         return Page(rows[:limit], rows[limit - 1].id if more else None)
 
-    def show(self, event_id: int, max_body_bytes: int = MAX_BODY_BYTES) -> EventDetail | None:
+    def show(
+        self,
+        event_id: int,
+        transport: str = v3event.DEFAULT_TRANSPORT,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> EventDetail | None:
+        """The row, the body `transport` sends for it (or why it cannot), every attempt."""
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(
@@ -191,16 +199,22 @@ class OutboxAdmin:
             ).all()
         # The daemon builds the body the same way, from the same stored text.
         try:
-            body = from_stored(
+            checked = from_stored(
                 row.email,
                 row.event,
                 row.properties_json,
                 row.eventdata_json,
                 max_body_bytes=max_body_bytes,
-            ).body()
+            )
         except InvalidEvent as exc:
-            return EventDetail(row, None, str(exc), attempts)
-        return EventDetail(row, body.decode("utf-8"), None, attempts)
+            return EventDetail(row, None, str(exc), attempts, transport)
+        try:
+            v3event.check(checked, transport)
+        except InvalidEvent as exc:
+            reason = f"invalid event for --transport {transport}: {exc}"
+            return EventDetail(row, None, reason, attempts, transport)
+        body = v3event.encoded(checked, transport, row.created_at)
+        return EventDetail(row, body.decode("utf-8"), None, attempts, transport)
 
     def select(self, where: sa.ColumnElement[bool], shown: int = 10) -> Selected:
         with self.engine.connect() as conn:

@@ -14,7 +14,14 @@ from typing import Any
 
 from worker import output
 from worker.admin import STATUSES, Change, EventFilter, OutboxAdmin
-from worker.cli_base import EXIT_FAILURE, UsageError, ids_text, open_store, positive_int
+from worker.cli_base import (
+    EXIT_FAILURE,
+    UsageError,
+    check_transport,
+    ids_text,
+    open_store,
+    positive_int,
+)
 from worker.event import MAX_BODY_BYTES
 from worker.when import parse_when
 
@@ -35,8 +42,10 @@ def _filters(dated: str) -> argparse.ArgumentParser:
     return filters
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the operator's commands to the top-level subparsers."""
+def add_commands(
+    sub: Any, common: argparse.ArgumentParser, transported: argparse.ArgumentParser
+) -> None:
+    """Add the operator's commands to the top-level subparsers (`transported`: --transport)."""
     paged = argparse.ArgumentParser(add_help=False)
     paged.add_argument("--limit", type=positive_int, default=50, help="rows a page (default 50)")
     paged.add_argument("--before-id", type=int, help="the page after one ending here (printed)")
@@ -55,7 +64,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     events = sub.add_parser("events", help="look at, find and cancel events")
     events_sub = events.add_subparsers(metavar="action")
-    show = command(events_sub, "show", cmd_events_show, "one event: its row, body and attempts")
+    show = command(
+        events_sub, "show", cmd_events_show, "one event: its row, body and attempts", transported
+    )
     show.add_argument("id", type=int, help="outbox id")
     show.add_argument("--json", action="store_true", help="one JSON object")
     show.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES)
@@ -112,7 +123,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_events_show(args: argparse.Namespace) -> int:
-    detail = _admin(args).show(args.id, args.max_body_bytes)
+    check_transport(args.transport)
+    detail = _admin(args).show(args.id, args.transport, args.max_body_bytes)
     if detail is None:
         print(f"outbox-worker: no event with id {args.id}", file=sys.stderr)
         return EXIT_FAILURE

@@ -23,7 +23,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from worker import v3event
 from worker.delivery import MAX_ERROR_CHARS, Deliverer
 from worker.event import InvalidEvent
 from worker.policy import Action, Answer, classify
@@ -58,7 +57,7 @@ class V3BatchTransport(Transport):
         rejected = []
         for event in events:
             try:
-                part = v3event.body(self.valid(event), event.created_at)
+                part = self.encode(event, self.valid(event))
                 if len(part) + self._frame > self.max_bytes:
                     raise InvalidEvent(
                         "body",

@@ -28,6 +28,7 @@ from worker.cli_base import (
     EXIT_FAILURE,
     EXIT_USAGE,
     UsageError,
+    check_transport,
     finite,
     ids_text,
     listening,
@@ -249,7 +250,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from worker.sink import Sink
 
-    _check_transport(args.transport)
+    check_transport(args.transport)
     v3 = args.transport != "tracker"
     key = _api_key(args) if v3 else _ma_key(args)
     if not key:
@@ -284,18 +285,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    _check_transport(args.transport)
+    check_transport(args.transport)
     return run_demo(args.database_url, args.transport)
-
-
-def _check_transport(name: str) -> None:
-    from worker.v3event import TRANSPORTS
-
-    if name not in TRANSPORTS:
-        raise UsageError(
-            f"--transport (env OUTBOX_TRANSPORT) must be one of {', '.join(TRANSPORTS)},"
-            f" not {name!r}"
-        )
 
 
 # -- helpers -------------------------------------------------------------------
@@ -596,7 +587,16 @@ def _parser() -> argparse.ArgumentParser:
     # Every daemon setting's default is the Settings type's own.
     defaults = Settings()
     budget = defaults.budget
-    keyed = _Parser(add_help=False)
+    # --transport: the daemon's, and whose body `events show` and the console show.
+    transported = _Parser(add_help=False)
+    _option(
+        transported,
+        "--transport",
+        "tracker (trackEvent, one event a request), v3 (Brevo's v3 events API) or v3-batch"
+        " (its /batch, many events a request)",
+        defaults.transport,
+    )
+    keyed = _Parser(add_help=False, parents=[transported])
     keyed.add_argument("--ma-key", action=_RefuseKey, variable="OUTBOX_MA_KEY")
     keyed.add_argument("--api-key", action=_RefuseKey, variable="OUTBOX_API_KEY")
     _option(
@@ -610,13 +610,6 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key-file",
         "read the v3 api-key from this file (--transport v3, v3-batch); never from a flag",
         shown="none: the key itself from env OUTBOX_API_KEY",
-    )
-    _option(
-        keyed,
-        "--transport",
-        "tracker (trackEvent, one event a request), v3 (Brevo's v3 events API) or v3-batch"
-        " (its /batch, many events a request)",
-        defaults.transport,
     )
     sub = parser.add_subparsers(metavar="command")
 
@@ -754,8 +747,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds between refreshes ({bounds_text('--interval')}; default 1)",
     )
 
-    admin_cli.add_commands(sub, common)
-    console_command.add_command(sub, common)  # Starlette is loaded only to serve
+    admin_cli.add_commands(sub, common, transported)
+    console_command.add_command(sub, common, transported)  # Starlette is loaded only to serve
 
     sink = command(
         "sink", cmd_sink, "a local endpoint that behaves like the API", parents=(logged, keyed)
@@ -778,9 +771,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     # The demo never touches OUTBOX_DATABASE_URL: it makes its own file anew.
-    demo = command("demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=())
+    demo = command(
+        "demo", cmd_demo, "the whole flow on SQLite with the local sink", parents=(transported,)
+    )
     demo.add_argument("--database-url", default=DEMO_DATABASE_URL)
     demo.add_argument("--log-level", default="INFO", type=str.upper, help="default INFO")
     demo.add_argument("--log-format", default="text", help="text or json (default text)")
-    _option(demo, "--transport", "tracker, v3 or v3-batch", defaults.transport)
     return parser

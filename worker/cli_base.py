@@ -27,6 +27,17 @@ class UsageError(Exception):
     """Bad usage or configuration: exit 2 with this one line."""
 
 
+def check_transport(name: str) -> None:
+    """Refuse a --transport that does not exist, in one line."""
+    from worker.v3event import TRANSPORTS
+
+    if name not in TRANSPORTS:
+        raise UsageError(
+            f"--transport (env OUTBOX_TRANSPORT) must be one of {', '.join(TRANSPORTS)},"
+            f" not {name!r}"
+        )
+
+
 def ids_text(ids: list[int]) -> str:
     """Ids as a message lists them: the first ten, then how many more."""
     shown = ", ".join(map(str, ids[:10]))

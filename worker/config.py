@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from worker.event import MAX_BODY_BYTES
 from worker.policy import RetryBudget
 from worker.ratelimit import NO_LIMIT, InvalidRateLimit, RateLimit, as_rate_limit
-from worker.v3event import BATCH_SHAPES, TRANSPORTS
+from worker.v3event import BATCH_SHAPES, DEFAULT_TRANSPORT, TRANSPORTS
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 DEMO_DATABASE_URL = "sqlite:///outbox-demo.db"  # the demo's own file, never the default's
@@ -87,7 +87,7 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     endpoint_url: str = ""  # empty: the transport's default
     ma_key: str = dataclasses.field(default="", repr=False)  # never shown
-    transport: str = "tracker"  # tracker, v3 or v3-batch (worker.transport)
+    transport: str = DEFAULT_TRANSPORT  # tracker, v3 or v3-batch (worker.transport)
     api_key: str = dataclasses.field(default="", repr=False)  # v3's key; never shown
     batch_max_events: int = 200
     batch_max_bytes: int = 512_000

@@ -87,6 +87,7 @@ def detail_dict(detail: Any) -> dict[str, Any]:
     event = {k: v for k, v in row_dict(detail.row).items() if not k.endswith("_json")}
     return {
         "event": event,
+        "transport": detail.transport,
         "body": detail.body,
         "body_error": detail.body_error,
         "attempts": [row_dict(a) for a in detail.attempts],
@@ -244,7 +245,8 @@ def print_event(detail: Any) -> None:
             value = json.dumps(value, ensure_ascii=False)
         lines.append(f"  {label:<18}{'-' if value is None else value}")
     if detail.body is not None:
-        lines += ["body (sent as is):", f"  {detail.body}"]
+        batch = ", this event's element of a batch's list" if detail.transport == "v3-batch" else ""
+        lines += [f"body (--transport {detail.transport}{batch}, sent as is):", f"  {detail.body}"]
     else:
         lines.append(f"body: none, it cannot be sent ({detail.body_error})")
     if detail.attempts:

@@ -98,7 +98,7 @@ class Transport:
         return checked
 
     def encode(self, event: ClaimedEvent, checked: Event) -> bytes:
-        return checked.body()
+        return v3event.encoded(checked, self.name, event.created_at)
 
     def exchange(self, request: Request, attempt: Attempt) -> Exchange:
         answer = attempt(request.body)
@@ -136,6 +136,3 @@ class V3Transport(Transport):
 
     name = "v3"
     key_variable = "OUTBOX_API_KEY"
-
-    def encode(self, event: ClaimedEvent, checked: Event) -> bytes:
-        return v3event.body(checked, event.created_at)

@@ -16,6 +16,7 @@ from typing import Any
 from worker.event import Event, InvalidEvent, dumps
 
 TRANSPORTS = ("tracker", "v3", "v3-batch")
+DEFAULT_TRANSPORT = TRANSPORTS[0]
 # A batch body: {"events": [...]} as documented (and the Python SDK), or a bare array (Node SDK).
 BATCH_SHAPES = ("object", "array")
 MAX_EVENT_NAME = 255
@@ -52,6 +53,12 @@ def check(event: Event, transport: str) -> None:
                 )
     if event.eventdata is not None:
         _check_event_properties(event.eventdata, event.eventdata_json, batch)
+
+
+def encoded(event: Event, transport: str, created_at: dt.datetime | None) -> bytes:
+    """The JSON `transport` sends for this (checked) event: the tracker's body, or the v3
+    event, which is also its element of a v3 batch's list."""
+    return event.body() if transport == "tracker" else body(event, created_at)
 
 
 def body(event: Event, created_at: dt.datetime | None) -> bytes:

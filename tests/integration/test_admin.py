@@ -455,6 +455,50 @@ def test_events_show_of_a_row_that_cannot_be_sent_says_why(sqlite_url):
     assert "body: none, it cannot be sent (email: is not an address" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("transport", "chosen"), [("v3", "flag"), ("v3-batch", "env")], ids=["v3-flag", "v3-batch-env"]
+)
+def test_events_show_prints_the_body_the_chosen_transport_sends(
+    sqlite_url, endpoint, transport, chosen
+):
+    engine = db.create_engine(sqlite_url)
+    (event_id,) = add(engine, "jane@example.com", event="cart_updated", properties={"PLAN": "pro"})
+    assert deliver(engine, endpoint.url_for(transport), transport=transport) == 0
+    engine.dispose()
+    args, env = (
+        (["--transport", transport], None)
+        if chosen == "flag"
+        else ([], {"OUTBOX_TRANSPORT": transport})
+    )
+    result = cli(sqlite_url, "events", "show", str(event_id), "--json", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    sent = endpoint.requests[-1].raw.decode()
+    # A batch request of one event wraps its element: the element is what is shown.
+    assert sent == (shown["body"] if transport == "v3" else '{"events":[' + shown["body"] + "]}")
+    assert '"event_date":' in shown["body"] and shown["transport"] == transport
+
+
+def test_events_show_names_the_rule_when_the_chosen_transport_cannot_carry_the_row(sqlite_url):
+    execute(
+        sqlite_url,
+        sa.text("INSERT INTO outbox_events (email, event) VALUES ('a@example.com', 'has space')"),
+    )
+    tracker = json.loads(cli(sqlite_url, "events", "show", "1", "--json").stdout)
+    assert tracker["body"] == '{"email":"a@example.com","event":"has space"}'
+    result = cli(sqlite_url, "events", "show", "1", "--transport", "v3")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "body: none, it cannot be sent (invalid event for --transport v3: event: may hold only"
+        in result.stdout
+    )
+
+
+def test_events_show_refuses_a_transport_that_does_not_exist(sqlite_url):
+    line = assert_one_line_error(cli(sqlite_url, "events", "show", "1", "--transport", "v4"), 2)
+    assert "--transport" in line and "tracker, v3, v3-batch" in line
+
+
 def test_events_show_of_an_unknown_id_exits_1(sqlite_url):
     line = assert_one_line_error(cli(sqlite_url, "events", "show", "999"), 1)
     assert "no event with id 999" in line

@@ -209,6 +209,16 @@ def test_one_event_shows_the_exact_body_sent_and_every_attempt(engine, client):
     assert re.search(r"1 \S+ \S+ 503 12 HTTP 503 busy 2 \S+ \S+ 500 12 HTTP 500 oops", shown)
 
 
+def test_one_event_shows_the_body_of_the_consoles_transport(engine):
+    (event_id,) = add(engine, "jane@example.com", event="cart_updated", properties={"PLAN": "pro"})
+    page = client_for(engine, transport="v3").get(f"/events/{event_id}")
+    body = json.loads(unescape(re.search(r'<pre id="body">(.*?)</pre>', page.text, re.S).group(1)))
+    assert body["event_name"] == "cart_updated"
+    assert body["identifiers"] == {"email_id": "jane@example.com"}
+    assert body["contact_properties"] == {"PLAN": "pro"} and "event_date" in body
+    assert "v3" in text_of(page.text).split("The body sent", 1)[1][:80]
+
+
 def test_one_event_shows_the_contacts_events_before_and_after_it(engine, client):
     older, _other, this, newer = add(
         engine, "jo@example.com", "zed@example.com", "JO@example.com", "jo@example.com"

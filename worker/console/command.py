@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import db, output
-from worker.cli_base import UsageError, finite, listening, whole
+from worker.cli_base import UsageError, check_transport, finite, listening, whole
 from worker.config import _is_loopback, check_number
 
 DEFAULT_HOST = "127.0.0.1"
@@ -26,12 +26,14 @@ MIN_TOKEN_LENGTH = 16  # a console token guards every dead letter: no short word
 log = logging.getLogger("worker.console")
 
 
-def add_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add `console` to the top-level subparsers."""
+def add_command(
+    sub: Any, common: argparse.ArgumentParser, transported: argparse.ArgumentParser
+) -> None:
+    """Add `console` to the top-level subparsers (`transported`: --transport, whose body is shown)."""
     help_ = "the operator's console in a browser (pip install 'outbox-worker[console]')"
     # No abbreviations: `--token SECRET` must be refused, not read as --token-file's path.
     p = sub.add_parser(
-        "console", help=help_, description=help_, parents=[common], allow_abbrev=False
+        "console", help=help_, description=help_, parents=[common, transported], allow_abbrev=False
     )
     p.set_defaults(handler=cmd_console)
     p.add_argument(
@@ -91,6 +93,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         )
     check_number("--port", args.port)
     check_number("--interval", args.refresh)  # the same bounds as stats --watch
+    check_transport(args.transport)
     try:
         import uvicorn
 
@@ -108,7 +111,12 @@ def cmd_console(args: argparse.Namespace) -> int:
     db.require_current_schema(engine)
     app = create_app(
         engine,
-        ConsoleOptions(token=token, mask_emails=args.mask_emails, refresh_seconds=args.refresh),
+        ConsoleOptions(
+            token=token,
+            mask_emails=args.mask_emails,
+            refresh_seconds=args.refresh,
+            transport=args.transport,
+        ),
     )
     with listening(args.host, args.port, "--host", "--port"):
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

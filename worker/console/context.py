@@ -15,6 +15,7 @@ from starlette.responses import HTMLResponse, Response
 from worker.admin import OutboxAdmin
 from worker.console.security import Guard
 from worker.output import _age
+from worker.v3event import DEFAULT_TRANSPORT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ConsoleOptions:
     mask_emails: bool = False
     refresh_seconds: float = 5.0  # the overview's own refresh
     page_size: int = 50
+    transport: str = DEFAULT_TRANSPORT  # whose body the event page shows
 
 
 class Console:

@@ -125,7 +125,7 @@ def _list(
 
 def event(console: Console, request: Request) -> Response:
     event_id = request.path_params["event_id"]
-    detail = console.admin.show(event_id)
+    detail = console.admin.show(event_id, console.options.transport)
     if detail is None:
         return console.error(request, 404, f"no event with id {event_id}")
     body = detail.body
