@@ -1,8 +1,8 @@
 """Daemon throughput of this checkout against another one, in interleaved rounds.
 
-    git worktree add /work/wt/old d3cec3f                     # the other version, detached
-    (cd /work/wt/old && python3 -m venv .venv && .venv/bin/pip install -q -e .)
-    .venv/bin/python bench/compare.py /work/wt/old --events 20000 --rounds 3
+    git worktree add ../outbox-before d3cec3f                     # the other version, detached
+    (cd ../outbox-before && python3 -m venv .venv && .venv/bin/pip install -q -e .)
+    .venv/bin/python bench/compare.py ../outbox-before --events 20000 --rounds 3
 
 Each run gets a fresh database (a new database on one PostgreSQL server, a new
 SQLite file), migrated by that checkout's own `outbox-worker migrate` and filled
