@@ -27,6 +27,8 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from console import database  # noqa: E402
+
 from bench import Nginx, run_daemon  # noqa: E402  (bench/ is the script's folder)
 from tests.pgserver import PostgresServer  # noqa: E402
 from worker import db, track_events  # noqa: E402
@@ -40,18 +42,8 @@ PER_TX = 100
 
 
 def new_database(backend: str, indexed: bool, workdir: Path, pg: PostgresServer | None) -> str:
-    name = f"write_cost_{time.monotonic_ns()}"
-    if backend == "sqlite":
-        url = f"sqlite:///{workdir / f'{name}.db'}"
-    else:
-        assert pg is not None
-        admin = sa.create_engine(pg.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = pg.url(name)
-    engine = db.create_engine(url)
-    db.migrate(engine)
+    engine = database(backend, workdir, pg, f"write_cost_{time.monotonic_ns()}")
+    url = engine.url.render_as_string(hide_password=False)
     if not indexed:  # the daemon runs only on the newest revision: drop what 0008 adds
         with engine.begin() as conn:
             for index in CONSOLE_INDEXES:
