@@ -24,6 +24,8 @@ from tests.endpoint import Endpoint, Reply
 from tests.integration.test_store import add, row
 from worker import db
 
+pytestmark = pytest.mark.slow  # a real Chromium and a console server: seconds per test
+
 CHROMIUM = os.environ.get("OUTBOX_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("OUTBOX_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
 REFUSAL = b'{"code":"invalid_parameter","message":"coupon expired"}'
