@@ -37,6 +37,7 @@ _CANCEL_SLICE = 0.1  # seconds: how soon a waiting thread sees `cancel`
 _FETCH_RETRY = 1.0
 _A_SECOND = dt.timedelta(seconds=1)  # seconds before asking again when the database did not answer
 _SHRINK = 0.95  # the slack's step back down, per reading well within it
+_WARN_EVERY = 600.0  # seconds: a slow spell's warning, at most this often for each cause
 _SLOW = {
     "table": "the rate limit's table answered in %.0f ms",
     "wire": "a send went on the wire %.0f ms after its slot",
@@ -105,11 +106,14 @@ class SendGate:
         self.limit = as_rate_limit(limit)
         # The slack the spacing allows for, grown by what each cause needs (_adapt_slack).
         self._needs = {"table": SEND_SLACK, "wire": SEND_SLACK}
+        self._warn_after = {"table": -math.inf, "wire": -math.inf}
         self._slack = SEND_SLACK
         self._interval = self.limit.interval
         self._clock = clock
         self.source: SlotSource = source or LocalSlots(clock)
         self.telemetry = telemetry or Telemetry()
+        if self.limit:
+            self.telemetry.rate_limit_slack.set(self._slack)
         # Unused slots: (from, by, at): clock times between which each may be used,
         # and its time on the timeline (by the earliest reading of the source's clock).
         self._slots: collections.deque[tuple[float, float, float]] = collections.deque()
@@ -256,11 +260,13 @@ class SendGate:
         slower than the slack would void every chunk ("table"), and sends reaching
         the wire after their slot would crowd a window ("wire")."""
         need = self._needs[cause]
-        if delay > need / 2:
-            grown = min(MAX_SLACK, 2 * delay)
+        if delay > need * 0.75:
+            grown = min(MAX_SLACK, 1.5 * delay)
             if grown <= need:
                 return
-            if need == SEND_SLACK:  # once as the trouble starts, not per reading
+            now = self._clock()
+            if now >= self._warn_after[cause]:  # not at every reading of a slow spell
+                self._warn_after[cause] = now + _WARN_EVERY
                 log.warning(
                     _SLOW[cause] + ": spacing sends for %.0f ms of slack (at most %.1f"
                     " requests/s) until %s",
@@ -270,12 +276,13 @@ class SendGate:
                     _UNTIL[cause],
                 )
             self._needs[cause] = grown
-        elif delay < need / 4 and need > SEND_SLACK:
+        elif delay < need / 3 and need > SEND_SLACK:
             self._needs[cause] = max(SEND_SLACK, need * _SHRINK)
         else:
             return
         self._slack = max(self._needs.values())
         self._interval = self.limit.interval_with(self._slack)
+        self.telemetry.rate_limit_slack.set(self._slack)
 
     def _drop_stale(self, now: float) -> None:
         dropped = 0

@@ -341,3 +341,22 @@ def test_sends_late_on_the_wire_widen_the_spacing_rather_than_crowd_a_window(sql
     assert len(endpoint.requests) >= 80
     assert endpoint.refused == []
     assert len([r for r in caplog.records if "on the wire" in r.getMessage()]) == 1
+
+
+def test_the_slack_in_use_is_a_metric_and_comes_back_down_once_sends_are_on_time():
+    telemetry = Telemetry()
+    gate = SendGate("20/s", telemetry=telemetry)
+
+    def slack() -> float:
+        return telemetry.registry.get_sample_value("outbox_rate_limit_slack_seconds") or 0.0
+
+    assert slack() == SEND_SLACK
+    turn = gate.wait_turn()
+    assert turn is not None
+    gate.sent(turn, turn.slot_at + 0.2)
+    assert slack() == pytest.approx(0.3)
+    for _ in range(60):
+        turn = gate.wait_turn()
+        assert turn is not None
+        gate.sent(turn, turn.slot_at + 0.001)
+    assert slack() == SEND_SLACK
