@@ -124,6 +124,7 @@ class SendGate:
         self._announced: dt.datetime | None = None  # the last shared pause logged
         self._shared_long_until: dt.datetime | None = None  # another daemon's long pause
         self._cond = threading.Condition()
+        self._turnstile = threading.Lock()  # held by the one thread taking slots
         self._waiting = 0  # threads in wait_turn without a slot yet
         # Requests queued for a sender and not yet waiting here (the sender pool
         # sets it): with the threads waiting, what a chunk is sized to, so that a
@@ -198,27 +199,35 @@ class SendGate:
     def wait_turn(self, cancel: threading.Event | None = None, tokens: int = 1) -> Turn | None:
         """Block until this thread may send: after any pause, at its slot. None if
         `cancel` was set while it waited. A request costing `tokens` (a batch counted
-        as several) takes that many slots. Say when it went on the wire: `sent`."""
+        as several) takes that many consecutive slots and goes at the last. Say when
+        it went on the wire: `sent`."""
         cancel = cancel or threading.Event()
         started = self._clock()
-        turn = None
-        for _ in range(max(1, tokens)):
-            turn = self._one_turn(cancel)
-            if turn is None:
-                return None
+        with self._cond:
+            self._waiting += 1
+        try:
+            # One thread at a time takes slots: interleaved, several requests of
+            # several slots each would all come due at once.
+            while not self._turnstile.acquire(timeout=_CANCEL_SLICE):
+                if cancel.is_set():
+                    return None
+            try:
+                turn = None
+                for _ in range(max(1, tokens)):
+                    with self._cond:
+                        turn = self._wait_for_slot(cancel)
+                    if turn is None:
+                        return None
+            finally:
+                self._turnstile.release()
+        finally:
+            with self._cond:
+                self._waiting -= 1
         waited = self._clock() - started
         if waited > 0.001:
             self.telemetry.tokens_waited.inc(max(1, tokens))
             self.telemetry.token_wait_seconds.inc(waited)
         return turn
-
-    def _one_turn(self, cancel: threading.Event) -> Turn | None:
-        with self._cond:
-            self._waiting += 1
-            try:
-                return self._wait_for_slot(cancel)
-            finally:
-                self._waiting -= 1
 
     def _wait_for_slot(self, cancel: threading.Event) -> Turn | None:
         while not cancel.is_set():

@@ -116,7 +116,9 @@ class SenderPool:
 
     def _attempt(self, job: Job) -> Attempt:
         def attempt(body: bytes) -> Answer | None:
-            turn = None if self._stopping.is_set() else self.gate.wait_turn(self._stopping)
+            if self._stopping.is_set():
+                return None
+            turn = self.gate.wait_turn(self._stopping, self.transport.request_cost)
             if turn is None or self._stopping.is_set() or not self.may_send(job.probe):
                 return None
             try:

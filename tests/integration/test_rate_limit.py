@@ -6,6 +6,7 @@ daemons themselves are in tests/faults/test_shared_rate_limit.py).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -360,3 +361,39 @@ def test_the_slack_in_use_is_a_metric_and_comes_back_down_once_sends_are_on_time
         assert turn is not None
         gate.sent(turn, turn.slot_at + 0.001)
     assert slack() == SEND_SLACK
+
+
+def test_requests_costing_several_slots_each_take_consecutive_ones():
+    # Four threads, each request counted as 4: interleaved slots would send all four
+    # at once, a window later four more, 32 counted in under a second.
+    gate = SendGate("20/s")
+    times: list[float] = []
+
+    def send() -> None:
+        for _ in range(2):
+            assert gate.wait_turn(tokens=4)
+            times.append(time.monotonic())
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(times) == 8
+    assert most_in(sorted(times), 1.0) * 4 <= 20
+
+
+def test_a_batch_request_takes_batch_request_cost_slots(sqlite_url):
+    endpoint = Endpoint()
+    engine = db.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        track_events(conn, [{"email": f"c{i}@example.com", "event": "e"} for i in range(20)])
+    settings = fast_settings(sqlite_url, endpoint.v3_url, transport="v3-batch",
+                             batch_max_events=5, rate_limit="20/s", batch_request_cost=4)  # fmt: skip
+    assert build_daemon(settings, engine=engine).run() == 0
+    endpoint.close()
+    engine.dispose()
+    times = [r.at for r in endpoint.requests]
+    assert len(times) == 4 and len(endpoint.events()) == 20
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 4 * settings.rate_limit.interval * 0.9
