@@ -45,9 +45,11 @@ class V3BatchTransport(Transport):
         max_events: int = 200,
         max_bytes: int = 512_000,
         shape: str = "object",
+        request_cost: int = 1,
     ) -> None:
         super().__init__(deliverer, max_body_bytes=max_body_bytes)
         self.events_per_request = max_events
+        self.request_cost = request_cost
         self.max_bytes = max_bytes
         self.shape = shape
         self._frame = len(_OPEN[shape]) + len(_CLOSE[shape])

@@ -302,6 +302,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         batch_max_events=args.batch_max_events,
         batch_max_bytes=args.batch_max_bytes,
         batch_shape=args.batch_shape,
+        batch_request_cost=args.batch_request_cost,
         budget=RetryBudget(
             max_attempts=args.max_attempts,
             max_age=args.max_age,
@@ -648,6 +649,13 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-shape",
         'v3-batch body: object ({"events": [...]}, as documented) or array (a bare list)',
         defaults.batch_shape,
+    )
+    _option(
+        run,
+        "--batch-request-cost",
+        "v3-batch: rate-limit slots a request takes (1: Brevo counts requests)",
+        defaults.batch_request_cost,
+        whole,
     )
     _option(run, "--exit-when-drained", "exit 0 once nothing is due", switch=True)
     _option(

@@ -53,6 +53,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "--database-wait": (0.1, 7 * 86400),
     "--batch-max-events": (1, 200),  # Brevo's limits: configurable down, never up
     "--batch-max-bytes": (1000, 512_000),
+    "--batch-request-cost": (1, 200),
 }
 
 
@@ -92,6 +93,9 @@ class Settings:
     batch_max_events: int = 200
     batch_max_bytes: int = 512_000
     batch_shape: str = "object"  # {"events": [...]}, or "array"
+    # Rate-limit slots a v3-batch request takes: 1, as Brevo counts requests; up to
+    # the events it may carry, for an account whose limit counts events.
+    batch_request_cost: int = 1
     budget: RetryBudget = dataclasses.field(default_factory=RetryBudget)
     concurrency: int = 16
     batch_size: int = 100
@@ -164,6 +168,7 @@ class Settings:
             "--database-wait": self.database_wait,
             "--batch-max-events": self.batch_max_events,
             "--batch-max-bytes": self.batch_max_bytes,
+            "--batch-request-cost": self.batch_request_cost,
         }
         for flag, value in numbers.items():
             if value is not None:

@@ -107,6 +107,7 @@ def build_transport(settings: Settings, deliverer: Deliverer | None = None) -> T
             max_events=settings.batch_max_events,
             max_bytes=settings.batch_max_bytes,
             shape=settings.batch_shape,
+            request_cost=settings.batch_request_cost,
         )
     if name == "v3":
         return V3Transport(deliverer, max_body_bytes=settings.max_body_bytes)

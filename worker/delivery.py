@@ -87,6 +87,7 @@ class Deliverer:
         prepared.body = body
         prepared.headers["Content-Length"] = str(len(body))
         started = time.monotonic()
+        _on_the_wire.at = None
         try:
             response = self._session.send(prepared, **self._send_options)
             content = _read_body(response, self._max_read)
@@ -97,11 +98,13 @@ class Deliverer:
         finally:
             cut_off = _deadlines.disarm()
         duration_ms = _ms_since(started)
+        sent_at = _on_the_wire.at  # counted by the endpoint, whatever came back
         if cut_off:  # even if some of it came: it may have been cut short anywhere
-            return Answer(None, _timed_out(self._timeout), duration_ms)
+            return Answer(None, _timed_out(self._timeout), duration_ms, sent_at=sent_at)
         if failure is not None:
-            return Answer(None, describe_network_error(failure, self._timeout), duration_ms)
-        answer = _answer(response, content, duration_ms)
+            error = describe_network_error(failure, self._timeout)
+            return Answer(None, error, duration_ms, sent_at=sent_at)
+        answer = dataclasses.replace(_answer(response, content, duration_ms), sent_at=sent_at)
         if self._keep_content and content:
             key = self._ma_key.encode("latin-1", "replace")
             kept = content.replace(key, b"[redacted]") if key else content
@@ -199,16 +202,21 @@ class _Deadlines:
 
 
 _deadlines = _Deadlines()
+# When the calling thread's request was last on the wire (time.monotonic()): what
+# the rate limit's spacing is about, which the send gate checks against its slot.
+_on_the_wire = threading.local()
 
 
 class _AnswerDeadline:
-    """A connection that puts the answer it is about to read under `_deadlines`."""
+    """A connection that notes when its request went out, and puts the answer it is
+    about to read under `_deadlines`."""
 
     sock: socket.socket
     timeout: Any
 
     def getresponse(self) -> Any:
         # urllib3 has just sent the request and set self.timeout to the read timeout.
+        _on_the_wire.at = time.monotonic()
         if isinstance(self.timeout, (int, float)):
             _deadlines.arm(self.sock, self.timeout)
         # A mixin: the connection class it is mixed into has getresponse.

@@ -7,9 +7,10 @@ their sends together stay within the limit. A thread takes a slot only once its
 time has come, and a slot not taken within SEND_SLACK of its time is dropped:
 a late send must never crowd the next daemon's slot.
 
-`wait_turn(cancel)` is the whole interface a transport needs (a batch request
-takes one turn, or `tokens` turns); `pause(seconds)` holds every thread, and on
-PostgreSQL every daemon.
+`wait_turn(cancel)` and `sent(turn, at)` are the whole interface a sender needs
+(a batch request takes one turn, or `tokens` turns): a send that reached the
+wire late widens the spacing, as a slow database does. `pause(seconds)` holds
+every thread, and on PostgreSQL every daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ LONG_PAUSE = 5.0
 _CANCEL_SLICE = 0.1  # seconds: how soon a waiting thread sees `cancel`
 _FETCH_RETRY = 1.0
 _A_SECOND = dt.timedelta(seconds=1)  # seconds before asking again when the database did not answer
+_SHRINK = 0.95  # the slack's step back down, per reading well within it
+_WARN_EVERY = 600.0  # seconds: a slow spell's warning, at most this often for each cause
+_SLOW = {
+    "table": "the rate limit's table answered in %.0f ms",
+    "wire": "a send went on the wire %.0f ms after its slot",
+}
+_UNTIL = {"table": "it answers faster", "wire": "sends are on time"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """A thread's turn to send: its slot began at `slot_at` (the gate's clock)."""
+
+    slot_at: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +104,19 @@ class SendGate:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limit = as_rate_limit(limit)
-        self._slack = SEND_SLACK  # grows while the source answers slowly (see _fetch)
+        # The slack the spacing allows for, grown by what each cause needs (_adapt_slack).
+        self._needs = {"table": SEND_SLACK, "wire": SEND_SLACK}
+        self._warn_after = {"table": -math.inf, "wire": -math.inf}
+        self._slack = SEND_SLACK
         self._interval = self.limit.interval
         self._clock = clock
         self.source: SlotSource = source or LocalSlots(clock)
         self.telemetry = telemetry or Telemetry()
-        # Unused slots: (from, by), clock times between which each may be used.
-        self._slots: collections.deque[tuple[float, float]] = collections.deque()
+        if self.limit:
+            self.telemetry.rate_limit_slack.set(self._slack)
+        # Unused slots: (from, by, at): clock times between which each may be used,
+        # and its time on the timeline (by the earliest reading of the source's clock).
+        self._slots: collections.deque[tuple[float, float, float]] = collections.deque()
         self._fetching = False
         self._fetch_after = -math.inf  # after a database error
         self._paused_until = -math.inf
@@ -103,6 +124,7 @@ class SendGate:
         self._announced: dt.datetime | None = None  # the last shared pause logged
         self._shared_long_until: dt.datetime | None = None  # another daemon's long pause
         self._cond = threading.Condition()
+        self._turnstile = threading.Lock()  # held by the one thread taking slots
         self._waiting = 0  # threads in wait_turn without a slot yet
         # Requests queued for a sender and not yet waiting here (the sender pool
         # sets it): with the threads waiting, what a chunk is sized to, so that a
@@ -174,70 +196,102 @@ class SendGate:
 
     # -- turns -------------------------------------------------------------------------
 
-    def wait_turn(self, cancel: threading.Event | None = None, tokens: int = 1) -> bool:
-        """Block until this thread may send: after any pause, at its slot.
-        False if `cancel` was set while it waited. A request costing `tokens`
-        (a batch counted as several) takes that many slots."""
+    def wait_turn(self, cancel: threading.Event | None = None, tokens: int = 1) -> Turn | None:
+        """Block until this thread may send: after any pause, at its slot. None if
+        `cancel` was set while it waited. A request costing `tokens` (a batch counted
+        as several) takes that many consecutive slots and goes at the last. Say when
+        it went on the wire: `sent`."""
         cancel = cancel or threading.Event()
         started = self._clock()
-        for _ in range(max(1, tokens)):
-            if not self._one_turn(cancel):
-                return False
+        with self._cond:
+            self._waiting += 1
+        try:
+            # One thread at a time takes slots: interleaved, several requests of
+            # several slots each would all come due at once.
+            while not self._turnstile.acquire(timeout=_CANCEL_SLICE):
+                if cancel.is_set():
+                    return None
+            try:
+                turn = None
+                for _ in range(max(1, tokens)):
+                    with self._cond:
+                        turn = self._wait_for_slot(cancel)
+                    if turn is None:
+                        return None
+            finally:
+                self._turnstile.release()
+        finally:
+            with self._cond:
+                self._waiting -= 1
         waited = self._clock() - started
         if waited > 0.001:
             self.telemetry.tokens_waited.inc(max(1, tokens))
             self.telemetry.token_wait_seconds.inc(waited)
-        return True
+        return turn
 
-    def _one_turn(self, cancel: threading.Event) -> bool:
-        with self._cond:
-            self._waiting += 1
-            try:
-                return self._wait_for_slot(cancel)
-            finally:
-                self._waiting -= 1
-
-    def _wait_for_slot(self, cancel: threading.Event) -> bool:
+    def _wait_for_slot(self, cancel: threading.Event) -> Turn | None:
         while not cancel.is_set():
             now = self._clock()
             if now < self._paused_until:
                 self._cond.wait(min(self._paused_until - now, _CANCEL_SLICE))
                 continue
             if not self.limit:
-                return True
+                return Turn(now)
             self._drop_stale(now)
             if self._slots:
                 wait = self._slots[0][0] - now
                 if wait <= 0:
-                    self._slots.popleft()
-                    return True
+                    return Turn(self._slots.popleft()[2])
                 self._cond.wait(min(wait, _CANCEL_SLICE))
             elif self._fetching or now < self._fetch_after:
                 self._cond.wait(min(max(self._fetch_after - now, 0.001), _CANCEL_SLICE))
             else:
                 self._fetch()
-        return False
+        return None
 
-    def _adapt_slack(self, answered_in: float) -> None:
-        """A source slower to answer than the slack would void every chunk: space the
-        slots for that answer time instead (less throughput, the limit still held),
-        and come back down as it speeds up again."""
-        if answered_in >= self._slack:
-            slack = min(MAX_SLACK, 1.5 * answered_in)
-            if self._slack == SEND_SLACK:
+    def sent(self, turn: Turn, at: float | None) -> None:
+        """The request of `turn` went on the wire at `at` (this gate's clock; None: it
+        never did). One later than the slack after its slot, with the next window's
+        sends on time, would put one request too many in a window: the slots held at
+        the old spacing are void, and the spacing widens for sends that late."""
+        if at is None or not self.limit:
+            return
+        late = at - turn.slot_at
+        with self._cond:
+            if late > self._slack:
+                self.telemetry.tokens_unused.inc(len(self._slots))
+                self._slots.clear()
+            self._adapt_slack("wire", late)
+
+    def _adapt_slack(self, cause: str, delay: float) -> None:
+        """Space the slots for the delays seen (less throughput, the limit still held),
+        and come back down as they shrink again. Two causes: the source answering
+        slower than the slack would void every chunk ("table"), and sends reaching
+        the wire after their slot would crowd a window ("wire")."""
+        need = self._needs[cause]
+        if delay > need * 0.75:
+            grown = min(MAX_SLACK, 1.5 * delay)
+            if grown <= need:
+                return
+            now = self._clock()
+            if now >= self._warn_after[cause]:  # not at every reading of a slow spell
+                self._warn_after[cause] = now + _WARN_EVERY
                 log.warning(
-                    "the rate limit's table answered in %.0f ms: spacing sends for %.0f ms"
-                    " of slack (at most %.1f requests/s) until it answers faster",
-                    answered_in * 1000,
-                    slack * 1000,
-                    1 / self.limit.interval_with(slack),
+                    _SLOW[cause] + ": spacing sends for %.0f ms of slack (at most %.1f"
+                    " requests/s) until %s",
+                    delay * 1000,
+                    grown * 1000,
+                    1 / self.limit.interval_with(max(grown, *self._needs.values())),
+                    _UNTIL[cause],
                 )
-        elif answered_in < self._slack / 3:
-            slack = max(SEND_SLACK, self._slack * 0.9)
+            self._needs[cause] = grown
+        elif delay < need / 3 and need > SEND_SLACK:
+            self._needs[cause] = max(SEND_SLACK, need * _SHRINK)
         else:
             return
-        self._slack = slack
-        self._interval = self.limit.interval_with(slack)
+        self._slack = max(self._needs.values())
+        self._interval = self.limit.interval_with(self._slack)
+        self.telemetry.rate_limit_slack.set(self._slack)
 
     def _drop_stale(self, now: float) -> None:
         dropped = 0
@@ -250,11 +304,12 @@ class SendGate:
     def _fetch(self) -> None:
         """Ask the source for a chunk, without holding the lock (it may be a database)."""
         self._fetching = True
+        interval = self._interval  # what the source spaces this chunk by
         self._cond.release()
         asked = self._clock()
         try:
             wanted = max(1, min(self.limit.chunk, self._waiting + self.backlog()))
-            grant: Grant | None = self.source.grant(wanted, self._interval, self.limit.describe())
+            grant: Grant | None = self.source.grant(wanted, interval, self.limit.describe())
             failure = None
         except Exception as exc:  # the database is away: no slots, so nothing is sent
             grant, failure = None, exc
@@ -277,12 +332,12 @@ class SendGate:
         # after the earliest, so a slow answer costs slots, never the spacing.
         slack = self._slack
         for i in range(grant.count):
-            at = grant.start_in + i * self._interval
+            at = grant.start_in + i * interval
             if received + at < asked + at + slack:
-                self._slots.append((received + at, asked + at + slack))
+                self._slots.append((received + at, asked + at + slack, asked + at))
             else:
                 self.telemetry.tokens_unused.inc()
-        self._adapt_slack(received - asked)
+        self._adapt_slack("table", received - asked)
         if grant.paused_for > 0:
             self._cond.release()
             try:

@@ -64,6 +64,7 @@ class Answer:
     # it: a 207 or 400 that names this event's index (dead) or not (delivered).
     action: Action | None = None
     content: bytes = field(default=b"", repr=False)  # the body, kept for a batch's errors
+    sent_at: float | None = None  # time.monotonic() once the request was on the wire
 
 
 def classify(status_code: int | None) -> Action:

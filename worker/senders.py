@@ -116,9 +116,10 @@ class SenderPool:
 
     def _attempt(self, job: Job) -> Attempt:
         def attempt(body: bytes) -> Answer | None:
-            if self._stopping.is_set() or not self.gate.wait_turn(self._stopping):
+            if self._stopping.is_set():
                 return None
-            if self._stopping.is_set() or not self.may_send(job.probe):
+            turn = self.gate.wait_turn(self._stopping, self.transport.request_cost)
+            if turn is None or self._stopping.is_set() or not self.may_send(job.probe):
                 return None
             try:
                 answer = self.transport.post(body)
@@ -127,6 +128,7 @@ class SenderPool:
                     "outbox id %d: unexpected error while sending", job.request.events[0].id
                 )
                 answer = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
+            self.gate.sent(turn, answer.sent_at)
             self.hold_others(answer)
             return answer
 

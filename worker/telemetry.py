@@ -130,6 +130,12 @@ class Telemetry:
             "Slots granted and never used (no request was ready, or a pause voided them).",
             registry=r,
         )
+        self.rate_limit_slack = Gauge(
+            "outbox_rate_limit_slack_seconds",
+            "How late a send may reach the wire after its slot, which the limit's spacing"
+            " allows for: widened while the limit's table answers slowly or sends go late.",
+            registry=r,
+        )
         self.token_grants = Counter(
             "outbox_rate_limit_grants",
             "Chunks of slots granted: one database statement each on PostgreSQL.",

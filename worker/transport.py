@@ -63,6 +63,7 @@ class Transport:
     name = "tracker"
     key_variable = "OUTBOX_MA_KEY"
     events_per_request = 1
+    request_cost = 1  # the rate limit's slots a request takes
 
     def __init__(self, deliverer: Deliverer, *, max_body_bytes: int) -> None:
         self.deliverer = deliverer

@@ -6,20 +6,24 @@ daemons themselves are in tests/faults/test_shared_rate_limit.py).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import random
 import threading
 import time
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import KEY, fast_settings, run_cli
-from tests.endpoint import Reply
+from tests.endpoint import Endpoint, Reply
 from tests.integration.test_cli import assert_one_line_error
 from worker import db, track_events
 from worker.config import Settings, SettingsError
 from worker.daemon import build_daemon
+from worker.delivery import Deliverer
 from worker.gate import Grant, LocalSlots, SendGate
 from worker.ratelimit import (
     CHUNK_SECONDS,
@@ -251,7 +255,7 @@ def test_without_the_database_no_slot_is_granted_and_nothing_raises(caplog):
     cancel = threading.Event()
     threading.Timer(1.5, cancel.set).start()
     with caplog.at_level(logging.WARNING, "worker.daemon"):
-        assert gate.wait_turn(cancel) is False
+        assert gate.wait_turn(cancel) is None
     assert len([r for r in caplog.records if "no send slots" in r.getMessage()]) == 1
 
 
@@ -303,3 +307,93 @@ def test_a_source_slower_than_the_slack_widens_the_spacing_rather_than_crowd_a_w
     assert len(times) == 20  # still sends
     assert most_in(times, 1.0) <= 20
     assert len([r for r in caplog.records if "answered in" in r.getMessage()]) == 1
+
+
+class LateOnTheWire(Deliverer):
+    """A sender held up between its turn and the wire, as on a loaded machine: one
+    request in four goes out 150 ms after its slot."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, KEY, timeout=2.0)
+        self._late = random.Random(7)
+        self._lock = threading.Lock()
+
+    def post(self, body: bytes) -> Any:
+        with self._lock:
+            late = self._late.random() < 0.25
+        if late:
+            time.sleep(0.15)
+        return super().post(body)
+
+
+def test_sends_late_on_the_wire_widen_the_spacing_rather_than_crowd_a_window(sqlite_url, caplog):
+    # A send later than the slack after its slot, followed a window later by one on
+    # time, puts N+1 requests in one window: the endpoint's limit answers 429.
+    endpoint = Endpoint(limit_per_second=20)
+    engine = db.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        track_events(conn, [{"email": f"c{i}@example.com", "event": "e"} for i in range(80)])
+    settings = fast_settings(sqlite_url, endpoint.url, rate_limit="20/s", concurrency=4)
+    with caplog.at_level(logging.WARNING, "worker.daemon"):
+        daemon = build_daemon(settings, engine=engine, deliverer=LateOnTheWire(endpoint.url))
+        assert daemon.run() == 0
+    endpoint.close()
+    engine.dispose()
+    assert len(endpoint.requests) >= 80
+    assert endpoint.refused == []
+    assert len([r for r in caplog.records if "on the wire" in r.getMessage()]) == 1
+
+
+def test_the_slack_in_use_is_a_metric_and_comes_back_down_once_sends_are_on_time():
+    telemetry = Telemetry()
+    gate = SendGate("20/s", telemetry=telemetry)
+
+    def slack() -> float:
+        return telemetry.registry.get_sample_value("outbox_rate_limit_slack_seconds") or 0.0
+
+    assert slack() == SEND_SLACK
+    turn = gate.wait_turn()
+    assert turn is not None
+    gate.sent(turn, turn.slot_at + 0.2)
+    assert slack() == pytest.approx(0.3)
+    for _ in range(60):
+        turn = gate.wait_turn()
+        assert turn is not None
+        gate.sent(turn, turn.slot_at + 0.001)
+    assert slack() == SEND_SLACK
+
+
+def test_requests_costing_several_slots_each_take_consecutive_ones():
+    # Four threads, each request counted as 4: interleaved slots would send all four
+    # at once, a window later four more, 32 counted in under a second.
+    gate = SendGate("20/s")
+    times: list[float] = []
+
+    def send() -> None:
+        for _ in range(2):
+            assert gate.wait_turn(tokens=4)
+            times.append(time.monotonic())
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(times) == 8
+    assert most_in(sorted(times), 1.0) * 4 <= 20
+
+
+def test_a_batch_request_takes_batch_request_cost_slots(sqlite_url):
+    endpoint = Endpoint()
+    engine = db.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        track_events(conn, [{"email": f"c{i}@example.com", "event": "e"} for i in range(20)])
+    settings = fast_settings(sqlite_url, endpoint.v3_url, transport="v3-batch",
+                             batch_max_events=5, rate_limit="20/s", batch_request_cost=4)  # fmt: skip
+    assert build_daemon(settings, engine=engine).run() == 0
+    endpoint.close()
+    engine.dispose()
+    times = [r.at for r in endpoint.requests]
+    assert len(times) == 4 and len(endpoint.events()) == 20
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 4 * settings.rate_limit.interval * 0.9

@@ -61,6 +61,7 @@ def test_an_api_key_that_cannot_be_a_header_exits_2_and_is_not_shown(sqlite_url)
         (["--batch-max-events", "201"], "--batch-max-events (env OUTBOX_BATCH_MAX_EVENTS) must"),
         (["--batch-max-bytes", "600000"], "--batch-max-bytes (env OUTBOX_BATCH_MAX_BYTES) must"),
         (["--batch-shape", "xml"], "--batch-shape (env OUTBOX_BATCH_SHAPE) must be one of"),
+        (["--batch-request-cost", "0"], "--batch-request-cost (env OUTBOX_BATCH_REQUEST_COST)"),
     ],
 )
 def test_a_bad_transport_setting_exits_2_naming_it(sqlite_url, flags, says):

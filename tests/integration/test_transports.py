@@ -352,9 +352,12 @@ def test_each_request_takes_one_turn_of_the_rate_gate(engine, endpoint, transpor
     daemon = build_daemon(settings, engine=engine)
     turns = []
     wait_turn = daemon.gate.wait_turn
-    daemon.gate.wait_turn = lambda cancel=None: turns.append(1) or wait_turn(cancel)  # type: ignore[method-assign]
+    daemon.gate.wait_turn = lambda cancel=None, tokens=1: (
+        turns.append(tokens) or wait_turn(cancel, tokens)
+    )  # type: ignore[method-assign]
     assert daemon.run() == 0
-    assert len(turns) == len(endpoint.requests) == (1 if transport == "v3-batch" else 6)
+    requests = 1 if transport == "v3-batch" else 6
+    assert turns == [1] * requests and len(endpoint.requests) == requests
 
 
 def test_the_async_track_event_checks_the_transport_rules_too(sqlite_url):
