@@ -52,6 +52,31 @@ class DaemonSeen:
     paused_until: dt.datetime | None = None  # a long pause in effect, until then
     halted_since: dt.datetime | None = None  # when the current halt began
     halted_s_ago: float | None = None  # and how long ago, by the database's clock
+    # Since the daemon started (migration 0009): its transport and what its requests carried.
+    transport: str | None = None
+    requests: int = 0
+    events_sent: int = 0
+    largest_batch: int = 0
+    dead: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportFigures:
+    """The live daemons of one transport, their figures summed since each started."""
+
+    daemons: int
+    requests: int
+    events_sent: int
+    largest_batch: int
+    delivered: int
+    dead: int
+
+    @property
+    def events_per_request(self) -> float | None:
+        return self.events_sent / self.requests if self.requests else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "events_per_request": self.events_per_request}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +96,26 @@ class Stats:
     def halted(self) -> list[DaemonSeen]:
         return [d for d in self.daemons if d.halted_reason]
 
+    @property
+    def transports(self) -> dict[str, TransportFigures]:
+        """Per transport, by name, the live daemons' figures (a daemon from before 0009,
+        which names none, is left out)."""
+        by_name: dict[str, list[DaemonSeen]] = {}
+        for d in self.daemons:
+            if d.transport:
+                by_name.setdefault(d.transport, []).append(d)
+        return {
+            name: TransportFigures(
+                daemons=len(ds),
+                requests=sum(d.requests for d in ds),
+                events_sent=sum(d.events_sent for d in ds),
+                largest_batch=max(d.largest_batch for d in ds),
+                delivered=sum(d.delivered for d in ds),
+                dead=sum(d.dead for d in ds),
+            )
+            for name, ds in sorted(by_name.items())
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "daemons": [
@@ -88,6 +133,7 @@ class Stats:
             "delivered_last_minute": self.delivered_last_minute,
             "dead_by_status_code": self.dead_by_status_code,
             "rate_limit": self.rate_limit,
+            "transports": {name: f.as_dict() for name, f in self.transports.items()},
         }
 
 
@@ -158,6 +204,11 @@ def stats(engine: sa.Engine, count_limit: int | None = None) -> Stats:
                 d.paused_until if d.paused_until and d.paused_until > now else None,
                 d.halted_since if d.halted_reason else None,
                 age_seconds(now, d.halted_since) if d.halted_reason else None,
+                d.transport,
+                d.requests,
+                d.events_sent,
+                d.largest_batch,
+                d.dead,
             )
             for d in daemons
         ],

@@ -39,18 +39,22 @@ class Completer:
         telemetry: Telemetry,
         *,
         lease: float,
+        transport: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.telemetry = telemetry
         self.lease = lease
+        self.transport = transport  # written with each attempt
         # Renewed three times a lease: two renewals may fail before a claim expires.
         self.renew_every = lease / 3
         self._clock = clock
         self._held: dict[Claim, ClaimedEvent] = {}
         self._records: list[Record] = []
         self._next_renewal = clock() + self.renew_every
+        # Since the daemon started, for its heartbeat.
         self.delivered = 0
+        self.dead = 0
 
     # -- what is held ----------------------------------------------------------------
 
@@ -86,7 +90,7 @@ class Completer:
     # -- outcomes --------------------------------------------------------------------
 
     def finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
-        self._records.append(Record(event, outcome))
+        self._records.append(Record(event, outcome, self.transport))
         t, code = self.telemetry, status_label(outcome.status_code)
         if outcome.action is Action.DELIVERED:
             self.delivered += 1
@@ -94,6 +98,7 @@ class Completer:
         elif outcome.action is Action.RETRY:
             t.retried.labels(code).inc()
         elif outcome.action in (Action.DEAD, Action.REJECTED):
+            self.dead += 1
             t.dead.labels(code).inc()
         else:
             t.released.labels(outcome.action.value).inc()

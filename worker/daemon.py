@@ -43,7 +43,7 @@ from worker.output import first_line
 from worker.policy import Action, Answer, Outcome, classify, decide, pause_for
 from worker.senders import Job, SenderPool
 from worker.shared_limit import SharedSlots
-from worker.store import ClaimedEvent, OutboxStore
+from worker.store import ClaimedEvent, DaemonReport, OutboxStore
 from worker.telemetry import Telemetry
 from worker.tracing import DeliveryTracing, log_fields
 from worker.transport import Rejected, Transport, V3Transport
@@ -143,7 +143,7 @@ class Daemon:
             on_change=self._publish,
             key_variable=transport.key_variable,
         )
-        self.completer = Completer(store, self.telemetry, lease=s.lease)
+        self.completer = Completer(store, self.telemetry, lease=s.lease, transport=transport.name)
         self.senders = SenderPool(
             s.concurrency,
             transport,
@@ -203,7 +203,7 @@ class Daemon:
             lease=s.lease,
             retain_delivered=s.retain_delivered,
             on_rescue=self._wake.set,
-            status=lambda: (self.breaker.halted, self.delivered, self.breaker.paused_until()),
+            report=self._report,
             name=self._identity,
         )
         # Rows of a daemon that died before we started are due before our first claim.
@@ -228,6 +228,20 @@ class Daemon:
                 self._listener.join(timeout=5.0)
             with contextlib.suppress(sa.exc.DBAPIError):
                 self.store.forget_daemon(self._identity)
+
+    def _report(self) -> DaemonReport:
+        """What the heartbeat writes: the state, and the figures since the start."""
+        carried = self.telemetry.carried
+        return DaemonReport(
+            self.breaker.halted,
+            self.completer.delivered,
+            self.breaker.paused_until(),
+            self.transport.name,
+            carried.requests,
+            carried.events,
+            carried.largest,
+            self.completer.dead,
+        )
 
     def _slot_source(self, store: OutboxStore) -> SlotSource | None:
         """On PostgreSQL every daemon on the database shares the limit; SQLite has one daemon."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from worker.store import OutboxStore
+from worker.store import DaemonReport, OutboxStore
 from worker.telemetry import Telemetry
 
 log = logging.getLogger("worker.maintenance")
@@ -31,7 +31,7 @@ class Maintenance:
         lease: float,
         retain_delivered: dt.timedelta | None,
         on_rescue: Callable[[], None],
-        status: Callable[[], tuple[str | None, int, dt.datetime | None]],
+        report: Callable[[], DaemonReport],
         name: str,
         interval: float | None = None,
     ) -> None:
@@ -39,7 +39,7 @@ class Maintenance:
         self.telemetry = telemetry
         self.retain_delivered = retain_delivered
         self.on_rescue = on_rescue
-        self.status = status  # (why delivery is halted, events delivered, paused until)
+        self.report = report  # what the heartbeat says of the daemon
         self.name = name
         # Often enough that a dead daemon's rows wait at most about 1.5 leases.
         self.interval = interval if interval is not None else min(lease / 2, 30.0)
@@ -78,7 +78,7 @@ class Maintenance:
     def run_once(self) -> None:
         """Heartbeat and figures every tick; rescue and retention each interval, in the
         elected daemon only."""
-        self.store.heartbeat(self.name, *self.status())
+        self.store.heartbeat(self.name, self.report())
         due, oldest = self.store.backlog()
         self.telemetry.backlog.set(due)
         self.telemetry.oldest_due_age.set(oldest or 0.0)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only the hint: the daemon imports this module and needs no report
-    from worker.admin_reports import Stats
+    from worker.admin_reports import Stats, TransportFigures
 
 
 class LogFormatter(logging.Formatter):
@@ -131,6 +131,8 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
         lines.append(
             f"  {d.name:<30} seen {_age(d.seen_s_ago)} ago, {d.delivered:,} delivered, {state}"
         )
+    if stats.transports:
+        lines += _transport_lines(stats.transports)
     if stats.rate_limit:
         lines += _shared_limit_lines(stats.rate_limit)
     if stats.dead_by_status_code:
@@ -140,6 +142,37 @@ def print_stats(stats: Stats, clear: bool = False) -> None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%SZ")
         print(f"\x1b[H\x1b[2Joutbox stats at {stamp} (Ctrl-C to stop)")
     print("\n".join(lines), flush=True)
+
+
+_TRANSPORT_COLUMNS = (
+    "daemons",
+    "requests",
+    "events sent",
+    "per request",
+    "max batch",
+    "delivered",
+    "dead",
+)
+
+
+def _transport_lines(transports: dict[str, TransportFigures]) -> list[str]:
+    lines = [
+        "by transport (live daemons, since each started):",
+        f"  {'transport':<12}" + "".join(f"{c:>14}" for c in _TRANSPORT_COLUMNS),
+    ]
+    for name, f in transports.items():
+        per = "-" if f.events_per_request is None else f"{f.events_per_request:,.1f}"
+        cells = (
+            f"{f.daemons:,}",
+            f"{f.requests:,}",
+            f"{f.events_sent:,}",
+            per,
+            f"{f.largest_batch:,}",
+            f"{f.delivered:,}",
+            f"{f.dead:,}",
+        )
+        lines.append(f"  {name:<12}" + "".join(f"{c:>14}" for c in cells))
+    return lines
 
 
 def _shared_limit_lines(shared: dict[str, Any]) -> list[str]:
@@ -253,12 +286,19 @@ def print_event(detail: Any) -> None:
         lines.append("attempts:")
         lines.append(
             table(
-                ["  #", "at (UTC)", "code", "ms", "error"],
+                ["  #", "at (UTC)", "transport", "code", "ms", "error"],
                 (
-                    (f"  {a.attempt}", _utc(a.attempted_at), a.status_code, a.duration_ms, a.error)
+                    (
+                        f"  {a.attempt}",
+                        _utc(a.attempted_at),
+                        a.transport,
+                        a.status_code,
+                        a.duration_ms,
+                        a.error,
+                    )
                     for a in detail.attempts
                 ),
-                [4, 19, 5, 7, 70],
+                [4, 19, 9, 5, 7, 70],
             )
         )
     else:

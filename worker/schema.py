@@ -134,6 +134,8 @@ outbox_attempts = sa.Table(
     sa.Column("status_code", sa.Integer(), nullable=True),
     sa.Column("error", sa.Text(), nullable=True),
     sa.Column("duration_ms", sa.Integer(), nullable=True),
+    # The transport the attempt went by (NULL for attempts written before 0009).
+    sa.Column("transport", sa.String(20), nullable=True),
     sqlite_autoincrement=True,
 )
 sa.Index("ix_outbox_attempts_event_id", outbox_attempts.c.event_id)
@@ -154,6 +156,13 @@ outbox_daemons = sa.Table(
     sa.Column("paused_until", UTCDateTime(), nullable=True),
     # When the current halt began (by the database's clock), NULL while delivering.
     sa.Column("halted_since", UTCDateTime(), nullable=True),
+    # What the daemon's requests carried since it started, by its transport (0009):
+    # `stats` sums them per transport. Cumulative, like `delivered`.
+    sa.Column("transport", sa.String(20), nullable=True),
+    sa.Column("requests", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("events_sent", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("largest_batch", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("dead", sa.BigInteger(), nullable=False, server_default="0"),  # dead-lettered
 )
 # The account's rate limit, shared by every daemon on PostgreSQL (worker.shared_limit):
 # one row, the next free send slot on one timeline for all of them, and the pause

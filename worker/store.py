@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -60,6 +60,21 @@ class Record:
 
     event: ClaimedEvent
     outcome: Outcome
+    transport: str | None = None  # the transport its attempt went by
+
+
+@dataclass(frozen=True)
+class DaemonReport:
+    """What a daemon's heartbeat says of it: its state, and its figures since it started."""
+
+    halted_reason: str | None = None
+    delivered: int = 0
+    paused_until: dt.datetime | None = None  # the end of a long pause in effect
+    transport: str | None = None
+    requests: int = 0  # HTTP requests answered (or failed on the network)
+    events_sent: int = 0  # the events those requests carried
+    largest_batch: int = 0  # the most events one request carried
+    dead: int = 0  # events dead-lettered, one by one (those never sent too)
 
 
 def _claim_statement(contact_order: bool) -> sa.Update:
@@ -115,7 +130,7 @@ def _claim_statement(contact_order: bool) -> sa.Update:
 _CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
 _OUTCOME_COLUMNS = ("id", "token", "action", "code", "error", "delay")
-_ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms")
+_ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms", "transport")
 _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.BigInteger(),
     "token": sa.String(),
@@ -125,6 +140,7 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "delay": sa.Float(),
     "attempt": sa.Integer(),
     "ms": sa.Integer(),
+    "transport": sa.String(),
 }
 
 
@@ -181,11 +197,11 @@ def _constant(value: str) -> Any:
 
 def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
     """outbox_attempts rows for charged failures, only for rows still ours."""
-    select = sa.select(e.c.id, src.attempt, src.code, src.error, src.ms)
+    select = sa.select(e.c.id, src.attempt, src.code, src.error, src.ms, src.transport)
     if from_ is not None:
         select = select.select_from(from_)
     return sa.insert(outbox_attempts).from_select(
-        ["event_id", "attempt", "status_code", "error", "duration_ms"],
+        ["event_id", "attempt", "status_code", "error", "duration_ms", "transport"],
         select.where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token),
     )
 
@@ -279,20 +295,12 @@ class OutboxStore:
             now = conn.execute(sa.select(utcnow())).scalar_one()
         return due, age_seconds(now, oldest)
 
-    def heartbeat(
-        self,
-        name: str,
-        halted_reason: str | None,
-        delivered: int,
-        paused_until: dt.datetime | None = None,
-    ) -> None:
-        """Say that this daemon is alive (and whether it has halted or paused delivery)."""
+    def heartbeat(self, name: str, report: DaemonReport) -> None:
+        """Say that this daemon is alive, whether it has halted or paused delivery, and
+        what it did since it started."""
         insert = self.backend.insert(outbox_daemons)
-        state = {
-            "halted_reason": halted_reason,
-            "delivered": delivered,
-            "paused_until": paused_until,
-        }
+        state = asdict(report)
+        halted_reason = report.halted_reason
         d = outbox_daemons.c
         # In the same statement, by the database's clock: a halt that goes on keeps
         # the time it began (COALESCE: a row from before 0007), a new one starts now.
@@ -414,6 +422,7 @@ def _attempt_row(r: Record) -> tuple[Any, ...]:
         o.status_code,
         o.error,
         o.duration_ms,
+        r.transport,
     )
 
 

@@ -431,6 +431,7 @@ def test_events_show_prints_the_row_the_exact_body_sent_and_every_attempt(db_url
     attempts = out.split("attempts:\n", 1)[1].splitlines()[1:]
     assert [line.split()[0] for line in attempts] == ["1", "2"]
     assert "503" in attempts[0] and "400" in attempts[1]
+    assert [line.split()[3] for line in attempts] == ["tracker", "tracker"]  # the transport
     assert KEY not in out + result.stderr
 
 
@@ -444,6 +445,7 @@ def test_events_show_json_has_the_row_the_body_and_the_attempts(db_url, endpoint
     assert shown["body"] == endpoint.requests[-1].raw.decode()
     assert shown["body_error"] is None
     assert [a["status_code"] for a in shown["attempts"]] == [503, 400]
+    assert [a["transport"] for a in shown["attempts"]] == ["tracker", "tracker"]
     assert ISO_UTC.match(shown["event"]["created_at"])
     assert ISO_UTC.match(shown["attempts"][0]["attempted_at"])
 

@@ -58,11 +58,23 @@ def listed_ids(html: str) -> list[int]:
     return [int(i) for i in re.findall(r'<td><a href="/events/(\d+)">', html)]
 
 
-def add_attempt(engine: sa.Engine, event_id: int, attempt: int, code: int, error: str) -> None:
+def add_attempt(
+    engine: sa.Engine,
+    event_id: int,
+    attempt: int,
+    code: int,
+    error: str,
+    transport: str | None = None,
+) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.insert(outbox_attempts).values(
-                event_id=event_id, attempt=attempt, status_code=code, error=error, duration_ms=12
+                event_id=event_id,
+                attempt=attempt,
+                status_code=code,
+                error=error,
+                duration_ms=12,
+                transport=transport,
             )
         )
 
@@ -125,6 +137,25 @@ def test_overview_daemons_table_says_since_when_halted_and_until_when_paused(eng
         "host-b:2": f"paused until {until:%Y-%m-%d %H:%M:%S} UTC",
         "host-c:3": "halted",
     }
+
+
+def test_overview_sums_the_live_daemons_figures_per_transport(engine, client):
+    figures = {"requests": 2, "events_sent": 300, "largest_batch": 200, "dead": 4}
+    add_daemon(engine, "host-a:1", transport="v3-batch", **figures)
+    add_daemon(engine, "host-b:2", transport="v3-batch", **figures)
+    add_daemon(engine, "host-c:3")  # from before 0009: names no transport
+    table = client.get("/").text.split('id="transports"')[1].split("</table>")[0]
+    (row,) = [re.findall(r"<td>(.*?)</td>", tr, re.S) for tr in table.split("<tr>")[2:]]
+    assert [text_of(cell) for cell in row] == [
+        "v3-batch",
+        "2",
+        "4",
+        "600",
+        "150.0",
+        "200",
+        "14",
+        "8",
+    ]
 
 
 def test_overview_refreshes_only_its_live_part(engine, client):
@@ -194,8 +225,8 @@ def test_one_event_shows_the_exact_body_sent_and_every_attempt(engine, client):
         properties={"FIRSTNAME": "Jane"},
         eventdata={"id": "cart:1", "data": {"price": "50.00"}},
     )
-    add_attempt(engine, event_id, 1, 503, "HTTP 503 busy")
-    add_attempt(engine, event_id, 2, 500, "HTTP 500 oops")
+    add_attempt(engine, event_id, 1, 503, "HTTP 503 busy")  # written before 0009: no transport
+    add_attempt(engine, event_id, 2, 500, "HTTP 500 oops", transport="v3-batch")
     set_row(engine, event_id, attempts=2, last_status_code=500, last_error="HTTP 500 oops")
     page = client.get(f"/events/{event_id}")
     assert page.status_code == 200
@@ -206,7 +237,9 @@ def test_one_event_shows_the_exact_body_sent_and_every_attempt(engine, client):
     sent = from_stored("jane@example.com", "cart_updated", *stored).body().decode()
     assert unescape(re.search(r'<pre id="body">(.*?)</pre>', page.text, re.S).group(1)) == sent
     shown = text_of(page.text)
-    assert re.search(r"1 \S+ \S+ 503 12 HTTP 503 busy 2 \S+ \S+ 500 12 HTTP 500 oops", shown)
+    assert re.search(
+        r"1 \S+ \S+ - 503 12 HTTP 503 busy 2 \S+ \S+ v3-batch 500 12 HTTP 500 oops", shown
+    )
 
 
 def test_one_event_shows_the_body_of_the_consoles_transport(engine):

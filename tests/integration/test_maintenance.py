@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from worker.maintenance import Maintenance
-from worker.store import OutboxStore
+from worker.store import DaemonReport, OutboxStore
 from worker.telemetry import Telemetry
 
 
@@ -33,7 +33,7 @@ def test_maintenance_logs_and_survives_an_exception_that_is_not_a_database_error
         lease=10,
         retain_delivered=None,
         on_rescue=lambda: None,
-        status=lambda: (None, 0),
+        report=DaemonReport,
         name="test:1",
         interval=0.05,
     )

@@ -303,3 +303,47 @@ def test_downgrading_0008_drops_only_the_console_indexes(empty_engine):
         command.downgrade(config, "0007")
     assert same_rows(snapshot(empty_engine), before)
     assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
+
+
+# -- 0009: figures per transport ---------------------------------------------------
+
+TRANSPORT_FIGURES = ("transport", "requests", "events_sent", "largest_batch", "dead")
+
+
+def test_migrating_to_0009_keeps_every_row_with_no_transport_and_zero_figures(empty_engine):
+    db.migrate(empty_engine, "0008")
+    fill_at_0002(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO outbox_daemons (name, delivered) VALUES ('host:1', 3)"))
+    before = snapshot(empty_engine)
+    db.migrate(empty_engine, "0009")
+    after = snapshot(empty_engine)
+    assert same_rows(after, before)
+    assert {r["transport"] for r in after["outbox_attempts"]} == {None}
+    (daemon,) = daemon_rows(empty_engine)
+    assert daemon["delivered"] == 3
+    assert tuple(daemon[c] for c in TRANSPORT_FIGURES) == (None, 0, 0, 0, 0)
+
+
+def test_downgrading_0009_keeps_every_row_and_index(empty_engine):
+    db.migrate(empty_engine, "0009")
+    fill_at_0002(empty_engine)
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE outbox_attempts SET transport = 'v3-batch'"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_daemons (name, delivered, transport, requests, events_sent,"
+                " largest_batch, dead) VALUES ('host:1', 3, 'v3-batch', 2, 5, 4, 1)"
+            )
+        )
+    before, indexes = snapshot(empty_engine), index_names(empty_engine)
+    config = db._alembic_config()
+    with empty_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0008")
+    after = snapshot(empty_engine)
+    assert "transport" not in after["outbox_attempts"][0]
+    assert same_rows(after, before)
+    assert index_names(empty_engine) == indexes
+    (daemon,) = daemon_rows(empty_engine)
+    assert daemon["delivered"] == 3 and not set(TRANSPORT_FIGURES) & set(daemon)

@@ -23,7 +23,7 @@ from worker import track_event
 from worker.admin_reports import stats
 from worker.maintenance import Maintenance
 from worker.output import LogFormatter
-from worker.store import OutboxStore
+from worker.store import DaemonReport, OutboxStore
 from worker.telemetry import Telemetry
 
 
@@ -126,7 +126,7 @@ def test_maintenance_prunes_delivered_rows_past_retention_and_keeps_the_rest(eng
         lease=10,
         retain_delivered=dt.timedelta(days=7),
         on_rescue=lambda: None,
-        status=lambda: (None, 0),
+        report=DaemonReport,
         name="test:1",
     )
     maintenance.run_once()

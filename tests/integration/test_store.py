@@ -6,6 +6,7 @@ its stats worker.admin_reports': tests/test_admin_reports.py).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -20,7 +21,7 @@ from worker import db, track_events
 from worker.backends.sql import utcnow
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_daemons, outbox_events
-from worker.store import _CLAIM, ClaimedEvent, OutboxStore, Record
+from worker.store import _CLAIM, ClaimedEvent, DaemonReport, OutboxStore, Record
 
 e = outbox_events
 LEASE = 30.0
@@ -492,36 +493,51 @@ def db_now(engine: sa.Engine) -> dt.datetime:
 
 def test_heartbeat_of_a_new_halted_daemon_says_since_when(engine, store):
     before = db_now(engine)
-    store.heartbeat("host:1", "HTTP 401", 0)
+    store.heartbeat("host:1", DaemonReport("HTTP 401", 0))
     since = daemon_row(engine).halted_since
     assert since is not None and before <= since <= db_now(engine)
 
 
 def test_heartbeat_sets_halted_since_when_a_halt_begins(engine, store):
-    store.heartbeat("host:1", None, 3)
+    store.heartbeat("host:1", DaemonReport(None, 3))
     assert daemon_row(engine).halted_since is None
     before = db_now(engine)
-    store.heartbeat("host:1", "HTTP 401", 3)
+    store.heartbeat("host:1", DaemonReport("HTTP 401", 3))
     since = daemon_row(engine).halted_since
     assert since is not None and before <= since <= db_now(engine)
 
 
 def test_heartbeat_keeps_halted_since_while_the_daemon_stays_halted(engine, store):
-    store.heartbeat("host:1", "HTTP 401", 0)
+    store.heartbeat("host:1", DaemonReport("HTTP 401", 0))
     began = (now() - dt.timedelta(hours=2)).replace(microsecond=0)
     with engine.begin() as conn:
         conn.execute(sa.update(outbox_daemons).values(halted_since=began))
-    store.heartbeat("host:1", "HTTP 403", 0)  # another reason, still the same halt
+    store.heartbeat("host:1", DaemonReport("HTTP 403", 0))  # another reason, still the same halt
     assert daemon_row(engine).halted_since == began
 
 
 def test_heartbeat_clears_halted_since_once_delivery_resumes(engine, store):
-    store.heartbeat("host:1", "HTTP 401", 0)
-    store.heartbeat("host:1", None, 1)
+    store.heartbeat("host:1", DaemonReport("HTTP 401", 0))
+    store.heartbeat("host:1", DaemonReport(None, 1))
     assert daemon_row(engine).halted_since is None
     before = db_now(engine)
-    store.heartbeat("host:1", "HTTP 401", 1)  # a new halt starts its own clock
+    store.heartbeat("host:1", DaemonReport("HTTP 401", 1))  # a new halt starts its own clock
     assert daemon_row(engine).halted_since >= before
+
+
+def test_heartbeat_writes_the_transport_and_what_its_requests_carried(engine, store):
+    store.heartbeat("host:1", DaemonReport(transport="v3-batch"))
+    sent = DaemonReport(None, 7, transport="v3-batch", requests=2, events_sent=9, largest_batch=5)
+    store.heartbeat("host:1", dataclasses.replace(sent, dead=2))
+    row = daemon_row(engine)
+    assert (row.transport, row.requests, row.events_sent, row.largest_batch, row.dead) == (
+        "v3-batch",
+        2,
+        9,
+        5,
+        2,
+    )
+    assert row.delivered == 7
 
 
 # -- the dead-letter view ------------------------------------------------------------

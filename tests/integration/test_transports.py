@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import KEY, deliver, rows
+from tests.conftest import KEY, deliver, rows, run_cli
 from tests.daemons import all_delivered, enqueue, received, wait_until
 from tests.endpoint import Endpoint, Received, Reply, data_of, name_of
 from worker import InvalidEvent, track_events
@@ -153,6 +153,13 @@ def test_a_refused_event_is_dead_with_its_message_and_the_rest_delivered(
     assert sorted(a.event_id for a in attempts(engine)) == sorted(dead)
     good = received(endpoint)
     assert all(good[f"m:{n}"] == 1 for n in range(10) if n not in (3, 7))
+
+
+def test_each_attempt_names_the_transport_it_went_by(engine, endpoint, transport):
+    add(engine, [spec(n, BAD if n == 1 else "cart_updated") for n in range(3)])
+    endpoint.respond = brevo_like()
+    assert run(engine, endpoint, transport) == 0
+    assert rows(engine, "SELECT transport FROM outbox_attempts") == [(transport,)]
 
 
 def test_a_bad_request_naming_no_event_never_dead_letters_the_good_ones(
@@ -340,6 +347,56 @@ def test_metrics_count_requests_and_events_per_request_by_transport(engine, endp
     assert value("outbox_request_events_sum", {"transport": transport}) == 6
     assert value("outbox_events_rejected_total", {"transport": transport}) == 1
     assert value("outbox_events_delivered_total") == 6
+
+
+@pytest.mark.slow  # a daemon subprocess, read once its heartbeat (every 5 s) has come
+def test_stats_per_transport_are_what_the_endpoint_counted(engine, endpoint, transport, spawn):
+    url = engine.url.render_as_string(hide_password=False)
+    add(engine, [spec(n, BAD if n in (4, 9) else "cart_updated") for n in range(25)])
+    with engine.begin() as conn:  # a row no transport carries: dead before any request
+        conn.execute(
+            sa.text("INSERT INTO outbox_events (email, event) VALUES ('x@example.com', ' ')")
+        )
+    endpoint.respond = brevo_like()
+    flags = ("--transport", transport, "--batch-max-events", "10")
+    daemon = spawn(url, endpoint.url_for(transport), *flags)
+    wait_until(
+        lambda: not {r.status for r in rows(engine)} & {"pending", "in_flight"},
+        30,
+        "every row to settle",
+    )
+    carried = [len(r.events) for r in endpoint.requests]
+    expected = {
+        "daemons": 1,
+        "requests": len(carried),
+        "events_sent": sum(carried),
+        "events_per_request": sum(carried) / len(carried),
+        "largest_batch": max(carried),
+        "delivered": 23,
+        "dead": 3,
+    }
+    if transport == "v3-batch":
+        assert max(carried) == 10 and len(carried) < 26  # batches, not one event each
+
+    def shown() -> Any:
+        stats = json.loads(run_cli("stats", "--json", "--database-url", url).stdout)
+        return stats["transports"].get(transport)
+
+    wait_until(lambda: shown() == expected, 30, f"stats to show {expected}")
+    text = run_cli("stats", "--database-url", url).stdout
+    assert "by transport (live daemons, since each started):" in text
+    line = next(x for x in text.splitlines() if x.split()[:1] == [transport])
+    assert line.split() == [
+        transport,
+        "1",
+        str(len(carried)),
+        str(sum(carried)),
+        f"{sum(carried) / len(carried):.1f}",
+        str(max(carried)),
+        "23",
+        "3",
+    ]
+    assert daemon.stop() == 0, daemon.log()
 
 
 def test_each_request_takes_one_turn_of_the_rate_gate(engine, endpoint, transport):

@@ -38,3 +38,11 @@ def test_each_outcome_is_counted_under_its_metric(
     event = ClaimedEvent(1, "a@example.com", "e", None, None, 0, NOW, "host:1:1")
     completer.finish(event, Outcome(action, code))
     assert telemetry.registry.get_sample_value(metric, labels) == 1
+
+
+def test_the_daemons_own_tally_counts_each_delivered_and_each_dead_event() -> None:
+    completer = Completer(OutboxStore(sa.create_engine("sqlite://")), Telemetry(), lease=60.0)
+    for n, action in enumerate([Action.DELIVERED, Action.DEAD, Action.REJECTED, Action.RETRY]):
+        event = ClaimedEvent(n, "a@example.com", "e", None, None, 0, NOW, "host:1:1")
+        completer.finish(event, Outcome(action, None))
+    assert (completer.delivered, completer.dead) == (1, 2)
