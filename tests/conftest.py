@@ -6,8 +6,10 @@ a copy of a migrated template on PostgreSQL, a fresh migrated file on SQLite.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,12 @@ def _refuse_files_beside_the_repository(event: str, args: tuple[Any, ...]) -> No
 
 
 _BESIDE = os.path.join(str(REPO.parent), "")
+if os.path.join(os.path.abspath(tempfile.gettempdir()), "") == _BESIDE:
+    # A clone straight in the temporary directory: the tests' own files go in a
+    # hidden folder there, so that the rest of what lies beside it stays refused.
+    tempfile.tempdir = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=".outbox-tests-")
+    os.chmod(tempfile.tempdir, 0o1777)  # as the temporary directory is: the server's user too
+    atexit.register(shutil.rmtree, tempfile.tempdir, ignore_errors=True)
 _ALLOWED = tuple(
     os.path.join(os.path.abspath(root), "")
     for root in (REPO, sys.prefix, sys.base_prefix, tempfile.gettempdir(), *sys.path)
