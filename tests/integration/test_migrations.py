@@ -119,6 +119,13 @@ def test_an_event_id_is_not_given_again_after_every_row_is_purged(engine):
 # -- 0003 keeps what 0002 held -----------------------------------------------------
 
 
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    config = db._alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+
+
 def fill_at_0002(engine: sa.Engine) -> None:
     """Rows of every kind: pending, dead with attempts, delivered; the newest then deleted."""
     with engine.begin() as conn:
@@ -186,10 +193,7 @@ def test_downgrading_0003_keeps_every_row(empty_engine):
     fill_at_0002(empty_engine)
     db.migrate(empty_engine)
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
-    config = db._alembic_config()
-    with empty_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0002")
+    downgrade(empty_engine, "0002")
     assert db.schema_revision(empty_engine)[0] == "0002"
     assert same_rows(snapshot(empty_engine), before)
     assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
@@ -216,10 +220,7 @@ def test_downgrading_0006_keeps_every_row_and_index(empty_engine):
     with empty_engine.begin() as conn:
         conn.execute(sa.text("UPDATE outbox_events SET traceparent = :t"), {"t": TRACEPARENT})
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
-    config = db._alembic_config()
-    with empty_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0004")
+    downgrade(empty_engine, "0004")
     after = snapshot(empty_engine)
     assert "traceparent" not in after["outbox_events"][0]
     assert same_rows(after, before)
@@ -262,10 +263,7 @@ def test_downgrading_0007_keeps_every_daemon_and_event(empty_engine):
             )
         )
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
-    config = db._alembic_config()
-    with empty_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0006")
+    downgrade(empty_engine, "0006")
     (daemon,) = daemon_rows(empty_engine)
     assert "halted_since" not in daemon and daemon["halted_reason"] == "HTTP 401"
     assert same_rows(snapshot(empty_engine), before)
@@ -297,10 +295,7 @@ def test_downgrading_0008_drops_only_the_console_indexes(empty_engine):
     db.migrate(empty_engine, "0008")
     fill_at_0002(empty_engine)
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
-    config = db._alembic_config()
-    with empty_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0007")
+    downgrade(empty_engine, "0007")
     assert same_rows(snapshot(empty_engine), before)
     assert index_names(empty_engine) == indexes - CONSOLE_INDEXES
 
@@ -337,10 +332,7 @@ def test_downgrading_0009_keeps_every_row_and_index(empty_engine):
             )
         )
     before, indexes = snapshot(empty_engine), index_names(empty_engine)
-    config = db._alembic_config()
-    with empty_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0008")
+    downgrade(empty_engine, "0008")
     after = snapshot(empty_engine)
     assert "transport" not in after["outbox_attempts"][0]
     assert same_rows(after, before)
