@@ -30,7 +30,7 @@ from worker.schema import outbox_events
 
 # The daemon as before the SQLite watcher: only polling wakes it there.
 _POLLING_ONLY = (
-    "import sys, worker.backends.sqlite as s; s.SQLite.wakeups = lambda self, url, wake: None;"
+    "import sys, worker.backends.sqlite as s; s.SQLite.wakeups = lambda self, url, wake, **_: None;"
     " from worker.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
