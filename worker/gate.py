@@ -38,11 +38,11 @@ _FETCH_RETRY = 1.0
 _A_SECOND = dt.timedelta(seconds=1)  # seconds before asking again when the database did not answer
 _SHRINK = 0.95  # the slack's step back down, per reading well within it
 _WARN_EVERY = 600.0  # seconds: a slow spell's warning, at most this often for each cause
-_SLOW = {
-    "table": "the rate limit's table answered in %.0f ms",
-    "wire": "a send went on the wire %.0f ms after its slot",
+# Each cause of slack: what was slow, and until when the spacing stays wide.
+_CAUSES = {
+    "table": ("the rate limit's table answered in %.0f ms", "it answers faster"),
+    "wire": ("a send went on the wire %.0f ms after its slot", "sends are on time"),
 }
-_UNTIL = {"table": "it answers faster", "wire": "sends are on time"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,8 @@ class SendGate:
     ) -> None:
         self.limit = as_rate_limit(limit)
         # The slack the spacing allows for, grown by what each cause needs (_adapt_slack).
-        self._needs = {"table": SEND_SLACK, "wire": SEND_SLACK}
-        self._warn_after = {"table": -math.inf, "wire": -math.inf}
+        self._needs = dict.fromkeys(_CAUSES, SEND_SLACK)
+        self._warn_after = dict.fromkeys(_CAUSES, -math.inf)
         self._slack = SEND_SLACK
         self._interval = self.limit.interval
         self._clock = clock
@@ -276,13 +276,14 @@ class SendGate:
             now = self._clock()
             if now >= self._warn_after[cause]:  # not at every reading of a slow spell
                 self._warn_after[cause] = now + _WARN_EVERY
+                slow, until = _CAUSES[cause]
                 log.warning(
-                    _SLOW[cause] + ": spacing sends for %.0f ms of slack (at most %.1f"
-                    " requests/s) until %s",
+                    slow + ": spacing sends for %.0f ms of slack (at most %.1f requests/s)"
+                    " until %s",
                     delay * 1000,
                     grown * 1000,
                     1 / self.limit.interval_with(max(grown, *self._needs.values())),
-                    _UNTIL[cause],
+                    until,
                 )
             self._needs[cause] = grown
         elif delay < need / 3 and need > SEND_SLACK:
