@@ -85,25 +85,37 @@ def backends(engine: sa.Engine, where: str) -> list[Any]:
 
 
 def terminate_mid_statement(engine: sa.Engine, patience: float = 5.0) -> tuple[int, bool]:
-    """Wait (a while) until one of the daemon's connections is running a statement
-    or inside a transaction, then terminate them all. Return (how many, whether one
-    was busy): a busy one makes the daemon meet the error, not just a dead idle
-    connection that the pool's pre-ping replaces without a word."""
+    """Hold the outbox table locked until one of the daemon's statements waits on it,
+    then terminate every daemon connection. Return (how many, whether one was mid
+    statement): a waiting one makes the daemon meet the error, not just a dead idle
+    connection that the pool's pre-ping replaces without a word. (Sampling
+    pg_stat_activity for a busy backend raced the daemon's millisecond statements.)"""
     deadline = time.monotonic() + patience
-    while True:
-        found = backends(engine, "true")
-        busy = any(b.state != "idle" for b in found)
-        if busy or time.monotonic() > deadline:
-            return terminate(engine, [b.pid for b in found]), busy
-        time.sleep(0.002)
+    with engine.connect() as conn, conn.begin():
+        conn.execute(sa.text("LOCK TABLE outbox_events IN ACCESS EXCLUSIVE MODE"))
+        waiting = sa.text(
+            "SELECT count(*) FROM pg_locks"
+            " WHERE NOT granted AND relation = 'outbox_events'::regclass"
+        )
+        while not (busy := bool(conn.execute(waiting).scalar())):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        pids = conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend'"
+            )
+        ).scalars()
+        return terminate(conn, list(pids)), busy
 
 
-def terminate(engine: sa.Engine, pids: list[int]) -> int:
-    with engine.connect() as conn:
-        done = [
-            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": p}).scalar()
-            for p in pids
-        ]
+def terminate(conn: sa.Connection, pids: list[int]) -> int:
+    """Terminate these backends; return how many were."""
+    done = [
+        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": p}).scalar() for p in pids
+    ]
     return sum(bool(d) for d in done)
 
 
@@ -402,7 +414,8 @@ def test_killed_listen_connection_comes_back_and_wakes_the_daemon_promptly(pg_ur
     daemon = spawn(pg_url, endpoint.url, "--poll-interval", "30")
     old = wait_until(lambda: backends(engine, LISTENER), 20, "the LISTEN backend")
     assert len(old) == 1, old
-    assert terminate(engine, [old[0].pid]) == 1
+    with engine.connect() as conn:
+        assert terminate(conn, [old[0].pid]) == 1
     new = wait_until(
         lambda: [b for b in backends(engine, LISTENER) if b.pid != old[0].pid],
         15,
