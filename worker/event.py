@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_EMAIL_LENGTH = 254  # the longest address SMTP carries (RFC 5321)
+# Brevo's v3 limit, and far below what PostgreSQL's B-tree index on (event, id) holds.
+MAX_EVENT_LENGTH = 255
 
 # No whitespace, exactly one "@", a non-empty local part, a domain with a dot
 # that neither starts nor ends it.
@@ -80,6 +82,8 @@ def validate(
         raise InvalidEvent("event", f"must be a string, not {type(event).__name__}")
     if not event.strip():
         raise InvalidEvent("event", "must not be empty")
+    if len(event) > MAX_EVENT_LENGTH:
+        raise InvalidEvent("event", f"is longer than {MAX_EVENT_LENGTH} characters")
     for field, text in (("email", email), ("event", event)):
         if "\x00" in text:
             raise InvalidEvent(field, "must not contain a NUL character")

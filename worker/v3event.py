@@ -19,7 +19,6 @@ TRANSPORTS = ("tracker", "v3", "v3-batch")
 DEFAULT_TRANSPORT = TRANSPORTS[0]
 # A batch body: {"events": [...]} as documented (and the Python SDK), or a bare array (Node SDK).
 BATCH_SHAPES = ("object", "array")
-MAX_EVENT_NAME = 255
 MAX_KEY_LENGTH = 255
 # Brevo says 50 KB; whether that is 1,000 or 1,024 bytes is not said: the smaller.
 MAX_EVENT_PROPERTIES_BYTES = 50_000
@@ -35,10 +34,8 @@ def check(event: Event, transport: str) -> None:
     if transport == "tracker":
         return
     batch = transport == "v3-batch"
-    name = event.event
-    if len(name) > MAX_EVENT_NAME:
-        raise InvalidEvent("event", f"is longer than {MAX_EVENT_NAME} characters (v3 event_name)")
-    if not _EVENT_NAME.fullmatch(name):
+    # The length (at most 255, v3's limit too) is every transport's rule: event.validate.
+    if not _EVENT_NAME.fullmatch(event.event):
         raise InvalidEvent(
             "event", "may hold only letters, digits, - and _ for the v3 API (event_name)"
         )

@@ -173,6 +173,8 @@ def judge_email(email: Any) -> int:
 def judge_event(event: Any) -> int:
     if not isinstance(event, str) or _has_surrogate(event) or not event.strip():
         return BAD
+    if len(event) > 255:
+        return BAD
     return MAYBE if "\x00" in event else OK
 
 
@@ -729,14 +731,19 @@ ANY_EVENTS = st.one_of(
 # An address of 3,000 random characters: valid, under the size limit, but its
 # lower(email) entry exceeds PostgreSQL's B-tree row limit (2704 bytes).
 LONG_EMAIL = random_text(8, 3000) + "@example.com"
+# Likewise an event name of 2,685 characters: its (event, id) entry in the console's
+# index is over the limit.
+LONG_EVENT = random_text(0, 2685)
 
 
 # Found by this test: a long address passed validation, then on PostgreSQL the
 # INSERT failed ("index row size ... exceeds btree version 4 maximum 2704"),
-# aborting the caller's transaction. Addresses are now at most 254 characters.
+# aborting the caller's transaction. Addresses are now at most 254 characters, and
+# event names (found the same way, once the console indexed them) at most 255.
 @_settings(60)
 @given(email=ANY_EMAILS, name=ANY_EVENTS, kind=KINDS)
 @example(email=LONG_EMAIL, name="signed_up", kind="connection")
+@example(email="a@example.com", name=LONG_EVENT, kind="session")
 def test_track_event_stores_email_and_event_exactly_or_refuses_them(
     engine, endpoint, statements, email, name, kind
 ):

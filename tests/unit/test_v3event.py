@@ -48,11 +48,16 @@ def test_event_date_is_utc_whatever_the_offset():
     assert event_date(WHEN.astimezone(paris)) == "2026-05-06T14:30:00.123Z"
 
 
-@pytest.mark.parametrize("name", ["cart updated", "café", "a.b", "x" * 256])
-def test_event_name_must_be_letters_digits_dash_underscore_up_to_255(name):
+@pytest.mark.parametrize("name", ["cart updated", "café", "a.b"])
+def test_event_name_must_be_letters_digits_dash_underscore(name):
     with pytest.raises(InvalidEvent, match="event_name") as caught:
         v3(name)
     assert caught.value.field == "event"
+
+
+def test_no_transport_takes_an_event_name_over_255_characters():
+    with pytest.raises(InvalidEvent, match="event: is longer than 255 characters"):
+        validate("jane@example.com", "x" * 256)
 
 
 def test_the_tracker_takes_any_event_name():
