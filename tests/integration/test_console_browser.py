@@ -86,6 +86,23 @@ def text(driver: Any, element_id: str) -> str:
     return str(driver.find_element(By.ID, element_id).text)
 
 
+def follow(driver: Any, element: Any) -> None:
+    """Click a link or a form's button, and return once the page it leads to has loaded.
+
+    A click returns as soon as the browser has it, not when the next page is there:
+    read at once, the old page (or none, in between) is what a test finds.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait = WebDriverWait(driver, 10)
+    wait.until(expected_conditions.staleness_of(page))
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def dead_letters_through_a_real_daemon(engine: sa.Engine, endpoint: Endpoint) -> dict[str, int]:
     """Five events: three refused with 400, one with 422, one delivered. {marker: id}."""
     specs = [("coupon_redeemed", f"c{n}") for n in range(3)]
@@ -116,21 +133,21 @@ def test_an_operator_filters_dead_letters_requeues_two_and_a_daemon_delivers_the
         .startswith("1 delivered and 4 failed attempts")
     )
 
-    driver.find_element(By.LINK_TEXT, "Dead letters").click()
+    follow(driver, driver.find_element(By.LINK_TEXT, "Dead letters"))
     assert text(driver, "matching").startswith("4 dead events")
     driver.find_element(By.NAME, "status_code").send_keys("400")
-    driver.find_element(By.ID, "apply-filters").click()
-    wait_until(lambda: text(driver, "matching").startswith("3 dead events"), 10, "the filter")
+    follow(driver, driver.find_element(By.ID, "apply-filters"))
+    assert text(driver, "matching").startswith("3 dead events")
     shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "table.events td:nth-child(2)")]
     assert shown == [str(ids[m]) for m in ("c2", "c1", "c0")]
 
     chosen = (ids["c0"], ids["c2"])
     for event_id in chosen:
         driver.find_element(By.CSS_SELECTOR, f"input[name=ids][value='{event_id}']").click()
-    driver.find_element(By.ID, "requeue-selected").click()
+    follow(driver, driver.find_element(By.ID, "requeue-selected"))
     assert text(driver, "question") == "Requeue 2 dead events?"
     assert {row(engine, i).status for i in ids.values()} == {"dead", "delivered"}  # not yet
-    driver.find_element(By.ID, "confirm").click()
+    follow(driver, driver.find_element(By.ID, "confirm"))
     assert f"requeued 2 dead events: ids {chosen[0]}, {chosen[1]}" in text(driver, "notice")
     assert driver.find_element(By.NAME, "status_code").get_attribute("value") == "400"
 
