@@ -11,6 +11,7 @@ one the database refuses is written alone, and never costs the others theirs.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,7 @@ class Completer:
         self._held: dict[Claim, ClaimedEvent] = {}
         self._records: list[Record] = []
         self._next_renewal = clock() + self.renew_every
+        self._retries_due: list[float] = []  # a heap: when the retries written come due
         # Since the daemon started, for its heartbeat.
         self.delivered = 0
         self.dead = 0
@@ -87,6 +89,16 @@ class Completer:
         if tokens:
             self.store.renew_leases(tokens, self.lease)
 
+    # -- retries -----------------------------------------------------------------------
+
+    def retry_in(self) -> float:
+        """Seconds until the next retry written comes due (inf: none to come), so that
+        the daemon claims it then rather than at its next poll."""
+        now = self._clock()
+        while self._retries_due and self._retries_due[0] <= now:
+            heapq.heappop(self._retries_due)  # due: the claim after this wait takes it
+        return self._retries_due[0] - now if self._retries_due else float("inf")
+
     # -- outcomes --------------------------------------------------------------------
 
     def finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
@@ -121,6 +133,10 @@ class Completer:
                     raise
                 self._record_one_by_one(records)
         self._records = []
+        # Written now: the database's due time is at or before this one.
+        now = self._clock()
+        for due in {now + r.outcome.retry_in for r in records if r.outcome.action is Action.RETRY}:
+            heapq.heappush(self._retries_due, due)
         for r in records:
             self._held.pop(claim_of(r.event), None)
 

@@ -328,7 +328,11 @@ class Daemon:
         self.completer.finish(never.event, Outcome(Action.REJECTED, None, never.reason))
 
     def _idle_wait(self) -> float:
-        waits = [self.settings.poll_interval, self.completer.renewal_in()]
+        waits = [
+            self.settings.poll_interval,
+            self.completer.renewal_in(),
+            self.completer.retry_in(),
+        ]
         if self.completer.held():
             waits.append(0.5)
         change = self.breaker.next_change_in()

@@ -391,6 +391,27 @@ def test_events_of_one_contact_reach_the_endpoint_in_id_order(engine, endpoint):
         assert min(gaps) >= 0.025, gaps
 
 
+# Polling hourly: what is delivered in these tests, only a wake-up or an outcome of the
+# daemon's own made due (an answer alone does not make it claim).
+HOURLY = 3600.0
+
+
+def test_a_contacts_events_committed_together_go_one_after_another_without_a_poll(engine, endpoint):
+    with running(engine, endpoint.url, poll_interval=HOURLY) as daemon:
+        wait_until(lambda: daemon.daemon.completer.held() == 0, 10, "the first claim")
+        add(engine, *[ev("one@x.com", f"step_{n}") for n in range(4)])
+        wait_until(lambda: statuses(engine) == ["delivered"] * 4, 20, "all four delivered")
+    assert [r.json["event"] for r in endpoint.requests] == [f"step_{n}" for n in range(4)]
+
+
+def test_a_retry_goes_out_when_due_without_a_poll(engine, endpoint):
+    endpoint.script("flaky", Reply(503, b""))
+    with running(engine, endpoint.url, poll_interval=HOURLY):
+        add(engine, ev("flaky@x.com", "flaky"))
+        wait_until(lambda: statuses(engine) == ["delivered"], 20, "the retry delivered")
+    assert [r.status for r in endpoint.requests] == [503, 204]
+
+
 STUCK = "Stuck@x.com"
 
 
