@@ -437,6 +437,7 @@ class Daemon:
         if not self.senders.join(5.0):
             log.warning("a sender thread did not end in time")
         self.completer.forget()
+        self.store.close()
         self.transport.close()
 
     # -- the database, with patience ---------------------------------------------

@@ -673,3 +673,10 @@ def test_a_halted_or_paused_daemon_waits_instead_of_spinning(engine, endpoint, r
     # A loop that spins burns a whole core (about 2 s here); waiting costs next to nothing.
     assert used < 0.5, f"{used:.2f} s of CPU in 2 s of waiting"
     assert len(endpoint.requests) == 1
+
+
+def test_a_stopped_daemon_has_given_back_every_connection(engine, endpoint):
+    add(engine, ev("a@x.com"), ev("b@x.com"))
+    assert deliver(engine, endpoint.url) == 0
+    assert statuses(engine) == ["delivered", "delivered"]
+    assert engine.pool.checkedout() == 0

@@ -213,6 +213,50 @@ def test_a_second_claim_does_not_return_rows_already_claimed(engine, store):
     assert claim(store, token="t3") == []
 
 
+# -- the delivery loop's connection ------------------------------------------------
+
+
+def test_claims_records_and_renewals_run_on_one_kept_connection(engine, store):
+    # A checkout (and its pre-ping) per statement cost as much client CPU as the
+    # statement: the delivery loop keeps its connection from one statement to the next.
+    add(engine, *(f"k{n}@x.com" for n in range(3)))
+    checkouts = []
+    sa.event.listen(engine, "checkout", lambda *_: checkouts.append(1))
+    claimed = claim(store)
+    for c in claimed:
+        store.renew_leases({c.lease_token}, LEASE)
+        store.record([Record(c, Outcome(Action.DELIVERED, 204))])
+    assert claim(store, token="again") == []
+    # SQLite writes a batch of outcomes as statements in a transaction of its own
+    # (a checkout there is no round trip); PostgreSQL binds it to one statement.
+    records = 0 if store.backend.batch_is_one_statement else len(claimed)
+    assert len(checkouts) == 1 + records
+    store.close()
+    assert engine.pool.checkedout() == 0
+
+
+def test_a_kept_connection_that_broke_is_dropped_and_the_next_claim_takes_a_fresh_one(pg_url):
+    engine = db.create_engine(pg_url)
+    store = OutboxStore(engine)
+    assert claim(store, token="t0") == []  # the kept connection is open now
+    (event_id,) = add(engine, "k@x.com")
+    with engine.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+        conn.commit()
+    with pytest.raises(sa.exc.DBAPIError) as failed:
+        claim(store, token="t1")
+    assert db.is_transient(failed.value)
+    assert ids_of(claim(store, token="t2")) == [event_id]
+    store.close()
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
 # -- record ------------------------------------------------------------------------
 
 
