@@ -443,8 +443,25 @@ class Daemon:
     # -- the database, with patience ---------------------------------------------
 
     def _db(self, call: Callable[[], T]) -> T:
-        """Run a store call; while the database is unreachable, log, back off and retry."""
-        result = self._patience(call)
+        """Run a store call; while the database is unreachable, log, back off and retry.
+
+        The call is made directly, and only a transient failure enters the retry
+        loop, as its first attempt: the loop makes three store calls a turn, most of
+        them with nothing to write, and tenacity's bookkeeping costs about 20 µs each.
+        """
+        try:
+            result = call()
+        except sa.exc.DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            failed: list[BaseException] = [exc]
+
+            def again() -> T:
+                if failed:  # the failure above is the loop's first attempt: logged, waited out
+                    raise failed.pop()
+                return call()
+
+            result = self._patience(again)
         self.telemetry.database_answered(True)
         return result
 
