@@ -12,9 +12,7 @@ daemon keeps polling every --poll-interval, and it starts again.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import mmap
 import sqlite3
 import threading
 import time
@@ -34,9 +32,12 @@ CHANNEL = "outbox_events"
 PAUSE_NOTICE = "rate-limit-pause"
 _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 # Seconds between two looks at the SQLite file: a wake-up within about half of it
-# on average. A look reads the WAL index's change counter from memory; the thread's
-# own wake-ups are most of the idle cost: about 0.5% of a core at this interval,
-# 0.7% at 20 ms (bench/, the project's 2-core machine under load).
+# on average. A look is one PRAGMA data_version on the watcher's own connection (SQLite
+# reads its WAL index from memory); the thread's wake-ups are most of the idle cost,
+# under 1% of a core (bench/latency.py). The watcher never opens SQLite's files itself:
+# closing any descriptor of the -shm file drops every POSIX lock this process holds on
+# it, and the next program to open the database then resets the file under the daemon
+# (SIGBUS; SQLite's "How To Corrupt" page, section 2.2).
 WATCH_INTERVAL = 0.03
 log = logging.getLogger("worker.wakeup")
 
@@ -92,24 +93,17 @@ class DataVersionWatcher(_WakeupThread):
                     # A commit may have come before the first read (or while we were away).
                     self._wake.set()
                     self.listening.set()
-                    with _ChangeCounter(self._path) as counter:
-                        for tick in itertools.count(1):
-                            if self._stopping.wait(self._interval):
-                                return
-                            # The counter in memory first; the statement when it moved,
-                            # and every few ticks whatever it says (it is a hint).
-                            if not counter.moved() and tick % _CHECK_EVERY:
-                                continue
-                            (version,) = conn.execute("PRAGMA data_version").fetchone()
-                            if version == seen:
-                                continue
-                            # Something committed: a new row, or an earlier due time that
-                            # has come (a requeue), wakes the daemon, as NOTIFY does on
-                            # PostgreSQL; its own claims and records do not.
-                            seen, before = version, mark
-                            mark = _watermark(conn)
-                            if mark[0] != before[0] or (mark[1] != before[1] and mark[2]):
-                                self._wake.set()
+                    while not self._stopping.wait(self._interval):
+                        (version,) = conn.execute("PRAGMA data_version").fetchone()
+                        if version == seen:
+                            continue
+                        # Something committed: a new row, or an earlier due time that
+                        # has come (a requeue), wakes the daemon, as NOTIFY does on
+                        # PostgreSQL; its own claims and records do not.
+                        seen, before = version, mark
+                        mark = _watermark(conn)
+                        if mark[0] != before[0] or (mark[1] != before[1] and mark[2]):
+                            self._wake.set()
             except sqlite3.Error as exc:
                 self.listening.clear()
                 failures += 1
@@ -119,43 +113,6 @@ class DataVersionWatcher(_WakeupThread):
                         str(exc).strip() or type(exc).__name__,
                     )
                 self._stopping.wait(min(30.0, 0.5 * 2**failures))
-
-
-# Ticks between two reads of data_version when the change counter has not moved.
-_CHECK_EVERY = 10
-
-
-class _ChangeCounter:
-    """The WAL index's change counter, read from the -shm file's memory map: SQLite's
-    WAL format puts a counter incremented with each transaction at bytes 8-11 of the
-    header. Reading it costs no statement, so the idle watcher is nearly free; where
-    there is no -shm file to map, it always says "moved" and the statement decides."""
-
-    def __init__(self, path: str) -> None:
-        self._map: mmap.mmap | None = None
-        try:
-            with open(f"{path}-shm", "rb") as file:
-                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            pass
-        self._last = self._read()
-
-    def _read(self) -> bytes | None:
-        return self._map[8:12] if self._map is not None and len(self._map) >= 12 else None
-
-    def moved(self) -> bool:
-        now = self._read()
-        if now is None:
-            return True
-        moved, self._last = now != self._last, now
-        return moved
-
-    def __enter__(self) -> _ChangeCounter:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._map is not None:
-            self._map.close()
 
 
 # The newest id (ids are never given twice) and the earliest due time of a pending

@@ -6,8 +6,12 @@ watcher can wake it. How soon is a figure for bench/ (latency), not a test.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +42,9 @@ def test_a_commit_by_another_connection_wakes_the_watcher(sqlite_url):
         watcher.join(5)
 
 
-def test_without_a_wal_index_to_map_the_watcher_reads_data_version_at_every_tick(sqlite_url):
+def test_with_a_rollback_journal_a_commit_still_wakes_the_watcher(sqlite_url):
     path = sa.make_url(sqlite_url).database
-    with sqlite3.connect(path) as conn:  # a rollback journal: no -shm file to map
+    with sqlite3.connect(path) as conn:  # a rollback journal: no WAL index
         assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
     wake = threading.Event()
     watcher = DataVersionWatcher(path, wake, interval=0.01)
@@ -97,6 +101,50 @@ def test_a_daemon_polling_hourly_on_sqlite_delivers_a_requeued_event(sqlite_url,
     finally:
         assert daemon.stop() == 0
         engine.dispose()
+
+
+# The lock SQLite holds on a WAL database's -shm file for as long as a process has it
+# open (its "DMS" byte, after the eight locks at 120: SQLite's os_unix.c).
+_SHM_DMS_BYTE = 128
+
+
+def _shm_lock_holder(path: str) -> int:
+    """The pid holding a lock on the -shm file's DMS byte, as another process sees it; 0: none."""
+    fd = os.open(f"{path}-shm", os.O_RDWR)
+    try:
+        asked = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, _SHM_DMS_BYTE, 1, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+        return 0 if kind == fcntl.F_UNLCK else pid
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow  # a daemon subprocess
+def test_a_sqlite_daemon_keeps_sqlites_lock_on_the_wal_index_while_it_watches(
+    sqlite_url, endpoint, spawn
+):
+    # The first process to open a WAL database while nobody holds that lock resets the
+    # -shm file (truncates it) under every process that still maps it. Closing any
+    # descriptor of the file outside SQLite drops all of a process's POSIX locks on it:
+    # a watcher that opened the file to read its change counter lost the daemon's lock,
+    # and the daemon died of SIGBUS when the next program opened the database.
+    daemon = spawn(sqlite_url, endpoint.url, "--poll-interval", NEVER)
+    path = sa.make_url(sqlite_url).database
+    engine = db.create_engine(sqlite_url)
+    try:
+        wait_until(
+            lambda: "delivering to" in daemon.log() and _heartbeats(engine), 30, "the daemon"
+        )
+        engine.dispose()  # only the daemon has the file open now
+        time.sleep(0.3)  # ten looks of its watcher
+        assert _shm_lock_holder(path) == daemon.proc.pid
+        enqueue(engine, 2)
+        engine.dispose()
+        wait_until(lambda: status_counts(engine).get("delivered") == 2, 30, "2 delivered")
+        assert _shm_lock_holder(path) == daemon.proc.pid
+    finally:
+        engine.dispose()
+        assert daemon.stop() == 0
 
 
 def wakeups_for(url: str, wake: threading.Event) -> Wakeups | None:
