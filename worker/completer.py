@@ -84,10 +84,11 @@ class Completer:
         """Extend the lease of every held row, in one statement, when a renewal is due."""
         if self._clock() < self._next_renewal:
             return
-        self._next_renewal = self._clock() + self.renew_every
         tokens = {token for _, token in self._held}
         if tokens:
             self.store.renew_leases(tokens, self.lease)
+        # Only once written: a renewal that failed is due again when the call is retried.
+        self._next_renewal = self._clock() + self.renew_every
 
     # -- retries -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from tests.integration.test_schema import DEAD_LETTER_COLUMNS
 from worker import db, track_events
+from worker import store as store_module
 from worker.backends.sql import utcnow
 from worker.policy import Action, Outcome
 from worker.schema import outbox_attempts, outbox_daemons, outbox_events
@@ -240,6 +241,48 @@ def test_a_kept_connection_that_broke_is_dropped_and_the_next_claim_takes_a_fres
     store = OutboxStore(engine)
     assert claim(store, token="t0") == []  # the kept connection is open now
     (event_id,) = add(engine, "k@x.com")
+    _terminate_other_backends(engine)
+    with pytest.raises(sa.exc.DBAPIError) as failed:
+        claim(store, token="t1")
+    assert db.is_transient(failed.value)
+    assert ids_of(claim(store, token="t2")) == [event_id]
+    store.close()
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
+def test_a_kept_connection_idle_past_keep_idle_is_pinged_before_a_renewal(pg_url, monkeypatch):
+    # A server, PgBouncer or load balancer may close a connection left idle; a lease
+    # renewal must not be the statement that meets it dead.
+    monkeypatch.setattr(store_module, "KEEP_IDLE", 0.05)
+    engine = db.create_engine(pg_url)
+    store = OutboxStore(engine)
+    add(engine, "idle@x.com")
+    (c,) = claim(store)
+    time.sleep(0.1)
+    _terminate_other_backends(engine)
+    store.renew_leases({c.lease_token}, LEASE)  # raised OperationalError when kept as it was
+    store.record([Record(c, Outcome(Action.DELIVERED, 204))])
+    store.close()
+    engine.dispose()
+
+
+def test_with_one_shared_connection_a_batch_of_outcomes_stays_one_transaction(tmp_path):
+    # sqlite:// (in memory) pools one connection per thread: engine.begin() gets the
+    # same one, which must not be left autocommitting by the store.
+    engine = db.create_engine("sqlite://")
+    db.migrate(engine)
+    store = OutboxStore(engine)
+    assert claim(store) == []
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("INSERT INTO outbox_events (email, event) VALUES ('r@x.com', 'e')"))
+        transaction.rollback()
+    assert claim(store, token="t2") == []
+    store.close()
+
+
+def _terminate_other_backends(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         conn.execute(
             sa.text(
@@ -248,13 +291,6 @@ def test_a_kept_connection_that_broke_is_dropped_and_the_next_claim_takes_a_fres
             )
         )
         conn.commit()
-    with pytest.raises(sa.exc.DBAPIError) as failed:
-        claim(store, token="t1")
-    assert db.is_transient(failed.value)
-    assert ids_of(claim(store, token="t2")) == [event_id]
-    store.close()
-    assert engine.pool.checkedout() == 0
-    engine.dispose()
 
 
 # -- record ------------------------------------------------------------------------

@@ -46,3 +46,26 @@ def test_the_daemons_own_tally_counts_each_delivered_and_each_dead_event() -> No
         event = ClaimedEvent(n, "a@example.com", "e", None, None, 0, NOW, "host:1:1")
         completer.finish(event, Outcome(action, None))
     assert (completer.delivered, completer.dead) == (1, 2)
+
+
+class _RenewalFailsOnce(OutboxStore):
+    def __init__(self) -> None:
+        super().__init__(sa.create_engine("sqlite://"))
+        self.renewals: list[set[str]] = []
+
+    def renew_leases(self, tokens, lease_seconds):  # type: ignore[no-untyped-def]
+        self.renewals.append(set(tokens))
+        if len(self.renewals) == 1:
+            raise sa.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+
+def test_a_renewal_that_failed_is_due_again_when_the_daemon_retries_it() -> None:
+    now = [0.0]
+    store = _RenewalFailsOnce()
+    completer = Completer(store, Telemetry(), lease=60.0, clock=lambda: now[0])
+    completer.hold([ClaimedEvent(1, "a@example.com", "e", None, None, 0, NOW, "host:1:1")])
+    now[0] = 21.0  # past a third of the lease
+    with pytest.raises(sa.exc.OperationalError):
+        completer.renew_if_due()
+    completer.renew_if_due()  # the daemon's retry of the same call
+    assert store.renewals == [{"host:1:1"}, {"host:1:1"}]
