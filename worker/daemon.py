@@ -168,6 +168,7 @@ class Daemon:
             else max(1, s.batch_size // per)
         )
         self._patience = self._patience_policy()
+        self._waited_before = 0.0  # seconds the failed first call took (_db)
         self._more_due = False  # the last claim got all it asked for: more may be due
 
     @property
@@ -433,12 +434,14 @@ class Daemon:
                 first_line(exc.orig),
             )
         # Requests still on the wire are given up (their rows are released above).
-        self.senders.cut_off()
-        if not self.senders.join(5.0):
-            log.warning("a sender thread did not end in time")
-        self.completer.forget()
-        self.store.close()
-        self.transport.close()
+        try:
+            self.senders.cut_off()
+            if not self.senders.join(5.0):
+                log.warning("a sender thread did not end in time")
+            self.completer.forget()
+        finally:
+            self.store.close()
+            self.transport.close()
 
     # -- the database, with patience ---------------------------------------------
 
@@ -449,19 +452,25 @@ class Daemon:
         loop, as its first attempt: the loop makes three store calls a turn, most of
         them with nothing to write, and tenacity's bookkeeping costs about 20 µs each.
         """
+        started = time.monotonic()
         try:
             result = call()
         except sa.exc.DBAPIError as exc:
             if not is_transient(exc):
                 raise
             failed: list[BaseException] = [exc]
+        else:
+            self.telemetry.database_answered(True)
+            return result
 
-            def again() -> T:
-                if failed:  # the failure above is the loop's first attempt: logged, waited out
-                    raise failed.pop()
-                return call()
+        def again() -> T:
+            if failed:  # the failure above is the loop's first attempt: logged, waited out
+                raise failed.pop()
+            return call()
 
-            result = self._patience(again)
+        # --database-wait counts from the first call, however long it took to fail.
+        self._waited_before = time.monotonic() - started
+        result = self._patience(again)
         self.telemetry.database_answered(True)
         return result
 
@@ -476,7 +485,8 @@ class Daemon:
 
     def _stop_waiting(self, state: tenacity.RetryCallState) -> bool:
         limit = self.settings.database_patience()
-        if limit is not None and (state.seconds_since_start or 0.0) >= limit:
+        waited = self._waited_before + (state.seconds_since_start or 0.0)
+        if limit is not None and waited >= limit:
             exc = state.outcome.exception() if state.outcome else None
             raise DatabaseGaveUp(
                 f"gave up: the database did not answer for {limit:g}s"

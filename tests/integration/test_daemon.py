@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import KEY, SAMPLE_EVENTS, deliver, rows
+from tests.conftest import KEY, SAMPLE_EVENTS, deliver, fast_settings, rows
 from tests.daemons import running, wait_until
 from tests.endpoint import Endpoint, Reply
 from tests.pgserver import free_port
 from worker import track_event, track_events
+from worker.daemon import DatabaseGaveUp, build_daemon
 from worker.policy import RetryBudget
 from worker.schema import outbox_events
 
@@ -680,3 +681,21 @@ def test_a_stopped_daemon_has_given_back_every_connection(engine, endpoint):
     assert deliver(engine, endpoint.url) == 0
     assert statuses(engine) == ["delivered", "delivered"]
     assert engine.pool.checkedout() == 0
+
+
+def test_database_wait_counts_the_time_the_first_failed_call_took(engine, endpoint):
+    # A first call that hangs (a black-holed host) and then fails is part of the wait.
+    settings = fast_settings(
+        engine.url.render_as_string(hide_password=False), endpoint.url, database_wait=0.2
+    )
+    daemon = build_daemon(settings, engine=engine)
+    calls = []
+
+    def hangs_then_fails() -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.3)
+        raise sa.exc.OperationalError("SELECT", {}, Exception("timeout expired"))
+
+    with pytest.raises(DatabaseGaveUp):
+        daemon._db(hangs_then_fails)
+    assert len(calls) == 1
