@@ -37,10 +37,9 @@ _STOP_SLICE = 0.5  # seconds: how soon the listener sees stop()
 # on average. A look is a stat of the WAL file, and PRAGMA data_version on the
 # watcher's own connection when the file changed; the thread's wake-ups are most of
 # the idle cost, about 0.5% of a core (bench/latency.py). The watcher opens none of
-# SQLite's files itself:
-# closing any descriptor of the -shm file drops every POSIX lock this process holds on
-# it, and the next program to open the database then resets the file under the daemon
-# (SIGBUS; SQLite's "How To Corrupt" page, section 2.2).
+# SQLite's files itself: closing any descriptor of the -shm file drops every POSIX
+# lock this process holds on it, and the next program to open the database then
+# resets the file under the daemon (SIGBUS; SQLite's "How To Corrupt" page, 2.2).
 WATCH_INTERVAL = 0.03
 log = logging.getLogger("worker.wakeup")
 

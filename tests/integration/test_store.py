@@ -218,7 +218,7 @@ def test_a_second_claim_does_not_return_rows_already_claimed(engine, store):
 
 
 def test_claims_records_and_renewals_run_on_one_kept_connection(engine, store):
-    # A checkout (and its pre-ping) per statement cost as much client CPU as the
+    # A checkout (and its pre-ping) per statement cost more client CPU than a small
     # statement: the delivery loop keeps its connection from one statement to the next.
     add(engine, *(f"k{n}@x.com" for n in range(3)))
     checkouts = []
@@ -267,7 +267,7 @@ def test_a_kept_connection_idle_past_keep_idle_is_pinged_before_a_renewal(pg_url
     engine.dispose()
 
 
-def test_with_one_shared_connection_a_batch_of_outcomes_stays_one_transaction(tmp_path):
+def test_with_one_shared_connection_a_batch_of_outcomes_stays_one_transaction():
     # sqlite:// (in memory) pools one connection per thread: engine.begin() gets the
     # same one, which must not be left autocommitting by the store.
     engine = db.create_engine("sqlite://")
