@@ -5,14 +5,17 @@ taken back and claimed again is another claim, and the answer to one never
 settles the other. While rows are held their leases are renewed, all in one
 statement per round and fenced by the claim, so a live daemon's rows never
 expire however long they wait (for a sender, the rate limit, a pause or a
-slow answer). Outcomes are buffered and written in one transaction per batch;
-one the database refuses is written alone, and never costs the others theirs.
+slow answer). Outcomes are buffered and written in one transaction per batch:
+at a low rate too, where each answer comes alone, those within RECORD_WITHIN of
+the first share one write, and each row keeps the time its answer came. One
+the database refuses is written alone, and never costs the others theirs.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -28,6 +31,11 @@ log = logging.getLogger("worker.daemon")
 
 Claim = tuple[int, str]  # (outbox id, lease token)
 
+# Seconds an outcome may wait to be written, for others to share its write. A row
+# stays in_flight that much longer (a contact's next event waits for it), and a
+# daemon killed in that time leaves its rows to lease rescue, which sends them again.
+RECORD_WITHIN = 0.025
+
 
 def claim_of(event: ClaimedEvent) -> Claim:
     return event.id, event.lease_token
@@ -42,6 +50,7 @@ class Completer:
         lease: float,
         transport: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        write_every: int = 100,
     ) -> None:
         self.store = store
         self.telemetry = telemetry
@@ -51,7 +60,10 @@ class Completer:
         self.renew_every = lease / 3
         self._clock = clock
         self._held: dict[Claim, ClaimedEvent] = {}
-        self._records: list[Record] = []
+        # Outcomes not yet written, each with when its answer came (on the clock).
+        self._outcomes: list[tuple[ClaimedEvent, Outcome, float]] = []
+        self._oldest = math.inf  # the earliest answer among them
+        self._write_every = write_every  # a buffer this full is written at once
         self._next_renewal = clock() + self.renew_every
         self._retries_due: list[float] = []  # a heap: when the retries written come due
         # Since the daemon started, for its heartbeat.
@@ -71,8 +83,12 @@ class Completer:
         """Rows claimed and not yet recorded (answered or not)."""
         return len(self._held)
 
+    def awaiting(self) -> int:
+        """Rows held whose answer has not come."""
+        return len(self._held) - len(self._outcomes)
+
     def unanswered(self) -> list[ClaimedEvent]:
-        answered = {claim_of(r.event) for r in self._records}
+        answered = {claim_of(event) for event, _, _ in self._outcomes}
         return [e for c, e in self._held.items() if c not in answered]
 
     # -- leases ----------------------------------------------------------------------
@@ -102,8 +118,11 @@ class Completer:
 
     # -- outcomes --------------------------------------------------------------------
 
-    def finish(self, event: ClaimedEvent, outcome: Outcome) -> None:
-        self._records.append(Record(event, outcome, self.transport))
+    def finish(self, event: ClaimedEvent, outcome: Outcome, at: float | None = None) -> None:
+        """A held row's outcome, to write; `at`: when its answer came (default now)."""
+        at = self._clock() if at is None else at
+        self._outcomes.append((event, outcome, at))
+        self._oldest = min(self._oldest, at)
         t, code = self.telemetry, status_label(outcome.status_code)
         if outcome.action is Action.DELIVERED:
             self.delivered += 1
@@ -117,15 +136,29 @@ class Completer:
             t.released.labels(outcome.action.value).inc()
 
     def pending_records(self) -> int:
-        return len(self._records)
+        return len(self._outcomes)
+
+    def write_in(self) -> float:
+        """Seconds until the buffered outcomes are due to be written (inf: none)."""
+        return max(0.0, self._oldest + RECORD_WITHIN - self._clock())
+
+    def write_due(self) -> None:
+        """Write the buffered outcomes if the first has waited RECORD_WITHIN, or if
+        there are write_every of them."""
+        if len(self._outcomes) >= self._write_every or self.write_in() == 0:
+            self.flush()
 
     def flush(self) -> None:
-        """Write every buffered outcome. A database that is away raises (the caller
+        """Write every buffered outcome now. A database that is away raises (the caller
         waits it out and calls again, nothing is lost); an outcome the database
         refuses is logged and let go: its claim expires and it is sent again."""
-        if not self._records:
+        if not self._outcomes:
             return
-        records = self._records
+        now = self._clock()
+        records = [
+            Record(event, outcome, self.transport, max(0.0, now - at))
+            for event, outcome, at in self._outcomes
+        ]
         with self.telemetry.record_seconds.time():
             try:
                 self.store.record(records)
@@ -133,7 +166,7 @@ class Completer:
                 if is_transient(exc):
                     raise
                 self._record_one_by_one(records)
-        self._records = []
+        self._outcomes, self._oldest = [], math.inf
         # Written now: the database's due time is at or before this one.
         now = self._clock()
         for due in {now + r.outcome.retry_in for r in records if r.outcome.action is Action.RETRY}:
@@ -165,4 +198,4 @@ class Completer:
 
     def forget(self) -> None:
         self._held.clear()
-        self._records.clear()
+        self._outcomes, self._oldest = [], math.inf

@@ -33,7 +33,7 @@ import tenacity
 from worker.backends import Wakeups
 from worker.batch import V3BatchTransport
 from worker.breaker import Breaker, pause_reason
-from worker.completer import Completer
+from worker.completer import RECORD_WITHIN, Completer
 from worker.config import BOUNDS, Settings
 from worker.db import create_engine, is_transient, require_current_schema
 from worker.delivery import Deliverer
@@ -262,7 +262,7 @@ class Daemon:
             self._wake.clear()
             self.telemetry.loop_turned()
             self._collect()
-            self._db(self.completer.flush)
+            self._db(self.completer.write_due)
             self._db(self.completer.renew_if_due)
             if self._stopping.is_set():
                 break
@@ -275,15 +275,20 @@ class Daemon:
                 log.info("drained: nothing is due; %d delivered by this run", self.delivered)
                 return EXIT_OK
             # Nothing due, fewer due than asked for (a commit since then wakes us),
-            # or not asking (full, paused, halted): wait.
+            # or not asking (full, paused, halted): wait. Having asked and got all
+            # there was, an answer that only delivers needs no turn of its own: its
+            # outcome waits to be written anyway (RECORD_WITHIN).
             if not claimed or not self._more_due:
+                self.senders.quiet = claimed is not None
                 self._wake.wait(self._idle_wait())
+                self.senders.quiet = False
         return EXIT_OK
 
     def _claim(self) -> int | None:
         """Claim what can go on the wire soon and return how many; None when it did not
         ask (enough held, paused, halted until the next probe, slow start)."""
-        s, held, per = self.settings, self.completer.held(), self._per_request
+        # Rows whose answer came take no sender: only those awaiting one count here.
+        s, held, per = self.settings, self.completer.awaiting(), self._per_request
         window = self.breaker.window()
         if window == 0 or self.breaker.paused_for() > 0:
             return None
@@ -333,9 +338,11 @@ class Daemon:
             self.settings.poll_interval,
             self.completer.renewal_in(),
             self.completer.retry_in(),
+            self.completer.write_in(),
         ]
-        if self.completer.held():
-            waits.append(0.5)
+        if self.completer.awaiting():
+            # Quiet senders do not wake us for an answer: collect it in time to write it.
+            waits.append(RECORD_WITHIN if self.senders.quiet else 0.5)
         change = self.breaker.next_change_in()
         if change > 0:
             waits.append(change)
@@ -371,11 +378,13 @@ class Daemon:
                 if not self.completer.holds(event):
                     continue  # released at shutdown before the answer came
                 if share is None:
-                    self.completer.finish(event, Outcome(Action.UNSENT))
+                    self.completer.finish(event, Outcome(Action.UNSENT), done.at)
                 else:
-                    self._outcome(event, share, quiet=len(done.job.request.events) > 1)
+                    self._outcome(event, share, done.at, quiet=len(done.job.request.events) > 1)
 
-    def _outcome(self, event: ClaimedEvent, answer: Answer, quiet: bool = False) -> None:
+    def _outcome(
+        self, event: ClaimedEvent, answer: Answer, at: float, quiet: bool = False
+    ) -> None:
         """One event's answer (the breaker has had the request's) into the row's outcome."""
         assert event.created_at is not None  # an unreadable row is never sent
         age = dt.datetime.now(dt.timezone.utc) - event.created_at
@@ -401,7 +410,7 @@ class Daemon:
                 extra=log_fields(event),
             )
         self.tracing.attempt(event, answer, outcome)
-        self.completer.finish(event, outcome)
+        self.completer.finish(event, outcome, at)
 
     def _publish(self) -> None:
         """A halt began or ended: the heartbeat tells operators now, not at its next tick."""

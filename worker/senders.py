@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from worker.gate import SendGate
-from worker.policy import Answer
+from worker.policy import Action, Answer, classify
 from worker.transport import Attempt, Exchange, Request, Transport
 
 log = logging.getLogger("worker.daemon")
@@ -32,6 +33,7 @@ class Job:
 class Done:
     job: Job
     exchange: Exchange  # an event's answer None: not sent (halted or stopping before its turn)
+    at: float  # when it ended (time.monotonic())
 
 
 _STOP = None  # one per thread, queued behind every job
@@ -53,6 +55,9 @@ class SenderPool:
         self.may_send = may_send  # (probe) -> whether to send it now
         self.hold_others = hold_others  # an answer that says "slow down" holds the gate at once
         self._wake = wake
+        # Set by the daemon while it has nothing more to claim: then an answer that
+        # only delivers needs no turn of its own, the loop's next turn collects it.
+        self.quiet = False
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._done: queue.SimpleQueue[Done] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -111,8 +116,9 @@ class SenderPool:
                 )
                 failed = Answer(None, f"unexpected error: {type(exc).__name__}: {exc}")
                 exchange = Exchange([], [(event, failed) for event in job.request.events])
-            self._done.put(Done(job, exchange))
-            self._wake.set()
+            self._done.put(Done(job, exchange, time.monotonic()))
+            if not (self.quiet and _only_delivers(job, exchange)) or self._stopping.is_set():
+                self._wake.set()
 
     def _attempt(self, job: Job) -> Attempt:
         def attempt(body: bytes) -> Answer | None:
@@ -133,3 +139,18 @@ class SenderPool:
             return answer
 
         return attempt
+
+
+def _only_delivers(job: Job, exchange: Exchange) -> bool:
+    """Every event sent and delivered, with nothing for the breaker or the gate to act on."""
+    return (
+        not job.probe
+        and bool(exchange.answers)
+        and not any(answer.rate_limit_exhausted for _, answer in exchange.answers)
+        and all(
+            answer is not None
+            and classify(answer.status_code) is Action.DELIVERED
+            and answer.action in (None, Action.DELIVERED)
+            for _, answer in exchange.results
+        )
+    )

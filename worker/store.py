@@ -69,6 +69,9 @@ class Record:
     event: ClaimedEvent
     outcome: Outcome
     transport: str | None = None  # the transport its attempt went by
+    # Seconds from its answer to this write: the row's times (delivered, failed, the
+    # attempt's) are the database's clock less this, when the answer came.
+    waited: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,8 @@ def _claim_statement(contact_order: bool) -> sa.Update:
 
 _CLAIM = {ordered: _claim_statement(ordered) for ordered in (True, False)}
 
-_OUTCOME_COLUMNS = ("id", "token", "action", "code", "error", "delay")
-_ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms", "transport")
+_OUTCOME_COLUMNS = ("id", "token", "action", "code", "error", "delay", "waited")
+_ATTEMPT_COLUMNS = ("id", "token", "attempt", "code", "error", "ms", "transport", "waited")
 _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "id": sa.BigInteger(),
     "token": sa.String(),
@@ -149,6 +152,7 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
     "attempt": sa.Integer(),
     "ms": sa.Integer(),
     "transport": sa.String(),
+    "waited": sa.Float(),
 }
 
 
@@ -160,6 +164,7 @@ def _outcome_statement(src: Any) -> sa.Update:
     answer never overwrites a row that lease rescue gave to another daemon.
     """
     action = src.action
+    answered = seconds_from_now(-src.waited)
     delivered = _one_of(action, lambda a: a.status == "delivered")
     released = _one_of(action, lambda a: a.released)
     return (
@@ -172,9 +177,9 @@ def _outcome_statement(src: Any) -> sa.Update:
                 (_one_of(action, lambda a: a.status == "pending"), seconds_from_now(src.delay)),
                 else_=e.c.next_attempt_at,
             ),
-            delivered_at=sa.case((delivered, utcnow()), else_=e.c.delivered_at),
+            delivered_at=sa.case((delivered, answered), else_=e.c.delivered_at),
             failed_at=sa.case(
-                (_one_of(action, lambda a: a.status == "dead"), utcnow()), else_=e.c.failed_at
+                (_one_of(action, lambda a: a.status == "dead"), answered), else_=e.c.failed_at
             ),
             # A released row keeps the answer that stopped it, so operators see
             # why it waits; any other outcome says what its own attempt got.
@@ -205,11 +210,19 @@ def _constant(value: str) -> Any:
 
 def _attempt_statement(src: Any, from_: Any = None) -> sa.Insert:
     """outbox_attempts rows for charged failures, only for rows still ours."""
-    select = sa.select(e.c.id, src.attempt, src.code, src.error, src.ms, src.transport)
+    select = sa.select(
+        e.c.id,
+        src.attempt,
+        seconds_from_now(-src.waited),
+        src.code,
+        src.error,
+        src.ms,
+        src.transport,
+    )
     if from_ is not None:
         select = select.select_from(from_)
     return sa.insert(outbox_attempts).from_select(
-        ["event_id", "attempt", "status_code", "error", "duration_ms", "transport"],
+        ["event_id", "attempt", "attempted_at", "status_code", "error", "duration_ms", "transport"],
         select.where(e.c.id == src.id, e.c.status == IN_FLIGHT, e.c.lease_token == src.token),
     )
 
@@ -468,12 +481,21 @@ def _attempt_row(r: Record) -> tuple[Any, ...]:
         o.error,
         o.duration_ms,
         r.transport,
+        r.waited,
     )
 
 
 def _outcome_row(r: Record) -> tuple[Any, ...]:
     o = r.outcome
-    return (r.event.id, r.event.lease_token, o.action.value, o.status_code, o.error, o.retry_in)
+    return (
+        r.event.id,
+        r.event.lease_token,
+        o.action.value,
+        o.status_code,
+        o.error,
+        o.retry_in,
+        r.waited,
+    )
 
 
 def age_seconds(now: dt.datetime, then: dt.datetime | None) -> float | None:

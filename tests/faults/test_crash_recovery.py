@@ -265,6 +265,13 @@ def test_expired_leases_are_taken_back_by_another_daemon_without_an_operator(
     markers = enqueue(engine, 4)
     first = spawn(pg_url, endpoint.url, *flags)
     wait_until(lambda: len(endpoint.requests) >= 5, 20, "the first daemon's requests")
+    # The warm-up's outcome is written within RECORD_WITHIN of its answer; a daemon
+    # killed before that would leave it to lease rescue too.
+    wait_until(
+        lambda: ids_with_status(engine, "delivered") == set(warm_up.values()),
+        5,
+        "the warm-up's outcome written",
+    )
     first.kill()
     with engine.connect() as conn:
         held = conn.execute(

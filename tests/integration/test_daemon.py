@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import itertools
 import json
@@ -403,6 +404,34 @@ def test_a_contacts_events_committed_together_go_one_after_another_without_a_pol
         add(engine, *[ev("one@x.com", f"step_{n}") for n in range(4)])
         wait_until(lambda: statuses(engine) == ["delivered"] * 4, 20, "all four delivered")
     assert [r.json["event"] for r in endpoint.requests] == [f"step_{n}" for n in range(4)]
+
+
+def test_waiting_for_commits_a_daemon_claims_once_a_commit_and_writes_outcomes_together(
+    engine, endpoint
+):
+    """At a low rate each commit is a claim of its own, but a 2xx answer is no turn of
+    the loop (no claim after it), and the outcomes of RECORD_WITHIN share one write."""
+    calls: collections.Counter[str] = collections.Counter()
+    with running(engine, endpoint.url, poll_interval=HOURLY) as daemon:
+        wait_until(lambda: daemon.daemon.completer.held() == 0, 10, "the first claim")
+        store = daemon.daemon.store
+        for name in ("claim_due", "record"):  # counted, then run as they are
+            method = getattr(store, name)
+
+            def counted(*args, _method=method, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+                calls[_name] += 1
+                return _method(*args, **kwargs)
+
+            setattr(store, name, counted)
+        for n in range(30):  # 200 commits a second at most
+            add(engine, ev(f"c{n}@x.com"))
+            time.sleep(0.005)
+        wait_until(lambda: statuses(engine) == ["delivered"] * 30, 20, "all delivered")
+    assert len(endpoint.requests) == 30
+    # Before: a claim on each commit and on each answer, an outcome written a turn
+    # (about 54 claims and 29 writes on PostgreSQL, 26 and 20 on SQLite).
+    assert calls["record"] <= 15, calls
+    assert calls["claim_due"] <= 45, calls
 
 
 def test_a_retry_goes_out_when_due_without_a_poll(engine, endpoint):

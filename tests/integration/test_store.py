@@ -311,6 +311,22 @@ def test_record_delivered_marks_the_row_delivered_with_one_more_attempt(engine, 
     assert attempt_rows(engine, event_id) == []
 
 
+def test_an_outcome_that_waited_to_be_written_keeps_the_time_its_answer_came(engine, store):
+    delivered, dead = add(engine, "a@x.com", "b@x.com")
+    a, b = claim(store)
+    store.record(
+        [
+            Record(a, Outcome(Action.DELIVERED, 204), waited=30.0),
+            Record(b, Outcome(Action.DEAD, 400, "HTTP 400 bad"), waited=30.0),
+        ]
+    )
+    answered = db_now(engine) - dt.timedelta(seconds=30)
+    assert abs((row(engine, delivered).delivered_at - answered).total_seconds()) < 5
+    assert abs((row(engine, dead).failed_at - answered).total_seconds()) < 5
+    (attempt,) = attempt_rows(engine, dead)
+    assert abs((attempt.attempted_at - answered).total_seconds()) < 5
+
+
 def test_record_retry_puts_the_row_back_to_pending_later(engine, store):
     (event_id,) = add(engine, "a@x.com")
     c = claim_one(store, event_id)

@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from worker.completer import Completer
+from worker.completer import RECORD_WITHIN, Completer
 from worker.policy import Action, Outcome
-from worker.store import ClaimedEvent, OutboxStore
+from worker.store import ClaimedEvent, OutboxStore, Record
 from worker.telemetry import Telemetry
 
 NOW = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -69,3 +69,69 @@ def test_a_renewal_that_failed_is_due_again_when_the_daemon_retries_it() -> None
         completer.renew_if_due()
     completer.renew_if_due()  # the daemon's retry of the same call
     assert store.renewals == [{"host:1:1"}, {"host:1:1"}]
+
+
+class _Writes(OutboxStore):
+    """Notes each write of outcomes instead of making it."""
+
+    def __init__(self) -> None:
+        super().__init__(sa.create_engine("sqlite://"))
+        self.writes: list[list[Record]] = []
+
+    def record(self, records):  # type: ignore[no-untyped-def]
+        self.writes.append(list(records))
+
+
+def _event(n: int) -> ClaimedEvent:
+    return ClaimedEvent(n, f"c{n}@example.com", "e", None, None, 0, NOW, "host:1:1")
+
+
+def test_outcomes_wait_to_be_written_together_until_the_first_has_waited_record_within() -> None:
+    now = [0.0]
+    store = _Writes()
+    completer = Completer(store, Telemetry(), lease=60.0, clock=lambda: now[0])
+    completer.hold([_event(n) for n in range(4)])
+    for n in range(4):  # an answer every 5 ms
+        now[0] = n * 0.005
+        completer.finish(_event(n), Outcome(Action.DELIVERED, 204))
+        completer.write_due()
+    assert store.writes == []
+    assert completer.write_in() == pytest.approx(RECORD_WITHIN - 0.015)  # due by the first
+
+    now[0] = RECORD_WITHIN
+    completer.write_due()
+    (written,) = store.writes
+    assert [r.event.id for r in written] == [0, 1, 2, 3]
+    # Each is written with how long it waited: its row keeps the time its answer came.
+    assert [r.waited for r in written] == pytest.approx([RECORD_WITHIN - n * 0.005 for n in range(4)])
+    assert completer.held() == 0
+
+
+def test_outcomes_answered_earlier_are_written_by_when_their_answer_came() -> None:
+    now = [10.0]
+    store = _Writes()
+    completer = Completer(store, Telemetry(), lease=60.0, clock=lambda: now[0])
+    completer.hold([_event(1)])
+    # Collected late (the loop was busy): due by the answer's time, not the collection's.
+    completer.finish(_event(1), Outcome(Action.DELIVERED, 204), at=10.0 - RECORD_WITHIN)
+    completer.write_due()
+    assert [r.waited for r in store.writes[0]] == pytest.approx([RECORD_WITHIN])
+
+
+def test_a_full_buffer_of_outcomes_is_written_at_once() -> None:
+    store = _Writes()
+    completer = Completer(store, Telemetry(), lease=60.0, clock=lambda: 0.0, write_every=3)
+    completer.hold([_event(n) for n in range(3)])
+    for n in range(3):
+        completer.finish(_event(n), Outcome(Action.DELIVERED, 204))
+        completer.write_due()
+    assert [len(w) for w in store.writes] == [3]
+
+
+def test_flush_writes_every_outcome_now() -> None:
+    store = _Writes()
+    completer = Completer(store, Telemetry(), lease=60.0, clock=lambda: 0.0)
+    completer.hold([_event(1)])
+    completer.finish(_event(1), Outcome(Action.UNSENT))
+    completer.flush()
+    assert [len(w) for w in store.writes] == [1]
