@@ -256,6 +256,41 @@ _RESCUE = (
 )
 
 
+class _OnTheDriver:
+    """A statement compiled once and run on the driver's cursor of a SQLAlchemy
+    connection, failing as SQLAlchemy's own execute would.
+
+    For the delivery loop's hot statements: SQLAlchemy's execute costs more client
+    CPU than psycopg itself (0.32 against 0.12 ms for a claim on the project's
+    machine), and at a low rate each event is a claim of its own.
+    """
+
+    def __init__(self, statement: sa.Update, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.bound = dict(compiled.params)  # what the statement binds itself (SET x = NULL)
+        self.dialect = dialect
+
+    def run(self, conn: sa.Connection, params: dict[str, Any]) -> list[Any]:
+        """The rows it returns (none for a statement returning none)."""
+        params = {**self.bound, **params}
+        driver = conn.connection.dbapi_connection
+        assert driver is not None  # a connection in use has one
+        error = self.dialect.loaded_dbapi.Error
+        try:
+            cursor = driver.cursor()
+            try:
+                cursor.execute(self.sql, params)
+                return list(cursor.fetchall()) if cursor.description else []
+            finally:
+                cursor.close()
+        except error as exc:
+            broken = self.dialect.is_disconnect(exc, driver, None)
+            raise sa.exc.DBAPIError.instance(
+                self.sql, params, exc, error, connection_invalidated=broken, dialect=self.dialect
+            ) from exc
+
+
 class OutboxStore:
     """The outbox, as the daemon sees it."""
 
@@ -270,6 +305,10 @@ class OutboxStore:
         # A pool of one shared connection hands engine.begin() the kept one, still
         # autocommitting: nothing to save there, and a batch must stay one transaction.
         self._keeps = not isinstance(engine.pool, (sa.pool.SingletonThreadPool, sa.pool.StaticPool))
+        self._on_driver: dict[sa.Update, _OnTheDriver] = {}
+        if self.backend.hot_statements_on_the_driver:
+            hot = [*_CLAIM.values(), _WRITE[self.backend.name][0]]
+            self._on_driver = {s: _OnTheDriver(s, engine.dialect) for s in hot}
 
     # -- the delivery loop -------------------------------------------------
 
@@ -280,7 +319,7 @@ class OutboxStore:
         row while an older row of its contact is pending or in flight."""
         params = {"b_limit": limit, "b_token": token, "b_lease": lease_seconds}
         with self._connection() as conn:
-            rows = conn.execute(_CLAIM[contact_order], params).all()
+            rows = self._hot(conn, _CLAIM[contact_order], params)
         claimed = [_claimed(r, token) for r in rows]
         claimed.sort(key=lambda c: c.id)
         return claimed
@@ -300,13 +339,21 @@ class OutboxStore:
         bind = self.backend.bind
         if not attempts and self.backend.batch_is_one_statement:  # deliveries and releases
             with self._connection() as conn:
-                conn.execute(write_outcomes, bind(_OUTCOME_COLUMNS, outcomes))
+                self._hot(conn, write_outcomes, bind(_OUTCOME_COLUMNS, outcomes))
             return
         with self.engine.begin() as conn:
             # Attempts first: their guard needs the rows still in_flight.
             if attempts:
                 conn.execute(write_attempts, bind(_ATTEMPT_COLUMNS, attempts))
             conn.execute(write_outcomes, bind(_OUTCOME_COLUMNS, outcomes))
+
+    def _hot(self, conn: sa.Connection, statement: sa.Update, params: Any) -> Sequence[Any]:
+        """Run one of the loop's hot statements, on the driver where the backend allows."""
+        on_driver = self._on_driver.get(statement)
+        if on_driver is not None:
+            return on_driver.run(conn, params)
+        result = conn.execute(statement, params)
+        return result.all() if result.returns_rows else []
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sa.Connection]:
@@ -326,8 +373,10 @@ class OutboxStore:
         kept.conn = None  # this call's until it ends well
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
+                if getattr(exc, "connection_invalidated", False):
+                    conn.invalidate()  # broken: never back to the pool
                 conn.close()
             raise
         if self._keeps:
@@ -422,26 +471,26 @@ class OutboxStore:
 
 def _claimed(row: Any, token: str) -> ClaimedEvent:
     """A claimed row as the daemon holds it; what cannot be read is said, not raised."""
+    id_, email, event, properties, eventdata, attempts, stored_at, traceparent, tracestate = row
     problems = []
-    created_at = _timestamp(row.created_at)
+    created_at = _timestamp(stored_at)
     if created_at is None:
-        problems.append(f"created_at {row.created_at!r} is not a timestamp")
-    attempts = row.attempts
+        problems.append(f"created_at {stored_at!r} is not a timestamp")
     if not isinstance(attempts, int):
         problems.append(f"attempts {attempts!r} is not a whole number")
         attempts = 0
     return ClaimedEvent(
-        row.id,
-        row.email,
-        row.event,
-        row.properties,
-        row.eventdata,
+        id_,
+        email,
+        event,
+        properties,
+        eventdata,
         attempts,
         created_at,
         token,
         "; ".join(problems) or None,
-        row.traceparent,
-        row.tracestate,
+        traceparent,
+        tracestate,
     )
 
 

@@ -32,6 +32,10 @@ class Backend(abc.ABC):
     batch_is_one_statement: ClassVar[bool]
     # ALTER TABLE is done by copying the table (Alembic's batch mode).
     alters_tables_by_copy: ClassVar[bool]
+    # The delivery loop's hot statements may run on the driver's own cursor, compiled
+    # once (worker.store): the driver takes named parameters, and no value needs
+    # SQLAlchemy's processing on the way in or out.
+    hot_statements_on_the_driver: ClassVar[bool] = False
 
     @abc.abstractmethod
     def create_engine(self, url: sa.URL, **kwargs: Any) -> sa.Engine:

@@ -28,6 +28,7 @@ class PostgreSQL(Backend):
     many_daemons = True
     batch_is_one_statement = True  # arrays, unnested
     alters_tables_by_copy = False
+    hot_statements_on_the_driver = True  # psycopg, "%(name)s" parameters
 
     def create_engine(self, url: sa.URL, **kwargs: Any) -> sa.Engine:
         kwargs.setdefault("pool_pre_ping", True)
