@@ -269,6 +269,8 @@ class _OnTheDriver:
         compiled = statement.compile(dialect=dialect)
         self.sql = compiled.string
         self.bound = dict(compiled.params)  # what the statement binds itself (SET x = NULL)
+        # Known here: asking the cursor (its description) builds a column object each.
+        self.returns_rows = bool(compiled.effective_returning)
         self.dialect = dialect
 
     def run(self, conn: sa.Connection, params: dict[str, Any]) -> list[Any]:
@@ -281,7 +283,7 @@ class _OnTheDriver:
             cursor = driver.cursor()
             try:
                 cursor.execute(self.sql, params)
-                return list(cursor.fetchall()) if cursor.description else []
+                return list(cursor.fetchall()) if self.returns_rows else []
             finally:
                 cursor.close()
         except error as exc:
