@@ -382,9 +382,7 @@ class Daemon:
                 else:
                     self._outcome(event, share, done.at, quiet=len(done.job.request.events) > 1)
 
-    def _outcome(
-        self, event: ClaimedEvent, answer: Answer, at: float, quiet: bool = False
-    ) -> None:
+    def _outcome(self, event: ClaimedEvent, answer: Answer, at: float, quiet: bool = False) -> None:
         """One event's answer (the breaker has had the request's) into the row's outcome."""
         assert event.created_at is not None  # an unreadable row is never sent
         age = dt.datetime.now(dt.timezone.utc) - event.created_at

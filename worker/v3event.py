@@ -13,7 +13,7 @@ import datetime as dt
 import re
 from typing import Any
 
-from worker.event import Event, InvalidEvent, dumps
+from worker.event import Event, InvalidEvent, dumps, quote
 
 TRANSPORTS = ("tracker", "v3", "v3-batch")
 DEFAULT_TRANSPORT = TRANSPORTS[0]
@@ -65,10 +65,10 @@ def body(event: Event, created_at: dt.datetime | None) -> bytes:
 
 def encode(event: Event, created_at: dt.datetime | None) -> str:
     parts = [
-        f'{{"event_name":{dumps(event.event)},"identifiers":{{"email_id":{dumps(event.email)}}}'
+        f'{{"event_name":{quote(event.event)},"identifiers":{{"email_id":{quote(event.email)}}}'
     ]
     if created_at is not None:
-        parts.append(f',"event_date":{dumps(event_date(created_at))}')
+        parts.append(f',"event_date":{quote(event_date(created_at))}')
     if event.properties is not None:
         parts.append(f',"contact_properties":{event.properties_json or dumps(event.properties)}')
     if event.eventdata is not None:

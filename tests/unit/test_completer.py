@@ -103,7 +103,9 @@ def test_outcomes_wait_to_be_written_together_until_the_first_has_waited_record_
     (written,) = store.writes
     assert [r.event.id for r in written] == [0, 1, 2, 3]
     # Each is written with how long it waited: its row keeps the time its answer came.
-    assert [r.waited for r in written] == pytest.approx([RECORD_WITHIN - n * 0.005 for n in range(4)])
+    assert [r.waited for r in written] == pytest.approx(
+        [RECORD_WITHIN - n * 0.005 for n in range(4)]
+    )
     assert completer.held() == 0
 
 
