@@ -3,7 +3,8 @@ maintenance lead, and the prune that maintenance (and the operator's `prune`) ru
 
 Every statement is SQLAlchemy Core, built once at import and shared by
 SQLite and PostgreSQL; what differs between them (binding a batch, the upsert,
-the maintenance lock) is the backend's (worker.backends). The operator's side
+the maintenance lock, whether the claim and a one-statement record run on the
+driver's cursor) is the backend's (worker.backends). The operator's side
 imports this module, never the reverse: its selections and changes (lists,
 requeue, purge, cancel) are worker.admin's, its readings (stats, reports)
 worker.admin_reports'. Hot-path work is set-based: one claim statement per
