@@ -142,11 +142,13 @@ class Completer:
         """Seconds until the buffered outcomes are due to be written (inf: none)."""
         return max(0.0, self._oldest + RECORD_WITHIN - self._clock())
 
-    def write_due(self) -> None:
+    def write_due(self) -> bool:
         """Write the buffered outcomes if the first has waited RECORD_WITHIN, or if
-        there are write_every of them."""
+        there are write_every of them; whether it wrote."""
         if len(self._outcomes) >= self._write_every or self.write_in() == 0:
             self.flush()
+            return True
+        return False
 
     def flush(self) -> None:
         """Write every buffered outcome now. A database that is away raises (the caller

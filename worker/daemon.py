@@ -170,6 +170,7 @@ class Daemon:
         self._patience = self._patience_policy()
         self._waited_before = 0.0  # seconds the failed first call took (_db)
         self._more_due = False  # the last claim got all it asked for: more may be due
+        self._poll_at = 0.0  # when the loop claims next even if nothing wakes it
 
     @property
     def delivered(self) -> int:
@@ -258,15 +259,22 @@ class Daemon:
 
     def _loop(self) -> int:
         s, held = self.settings, self.completer.held
+        claimed: int | None = None
+        looked = False  # the last wait was only to look for answers, and nothing woke us
         while not self._stopping.is_set():
             self._wake.clear()
             self.telemetry.loop_turned()
             self._collect()
-            self._db(self.completer.write_due)
+            wrote = self._db(self.completer.write_due)
             self._db(self.completer.renew_if_due)
             if self._stopping.is_set():
                 break
-            claimed = self._claim()
+            # A look that found answers to collect is no reason to claim: nothing new
+            # came (a commit or a non-quiet answer would have woken us). Writing is:
+            # it may free a contact's next event.
+            if not looked or wrote:
+                claimed = self._claim()
+                self._poll_at = time.monotonic() + s.poll_interval
             self.telemetry.in_flight.set(held())
             if self.breaker.halted and s.exit_when_drained and not held():
                 log.error("delivery halted: %s; exiting (--exit-when-drained)", self.breaker.halted)
@@ -278,9 +286,11 @@ class Daemon:
             # or not asking (full, paused, halted): wait. Having asked and got all
             # there was, an answer that only delivers needs no turn of its own: its
             # outcome waits to be written anyway (RECORD_WITHIN).
+            looked = False
             if not claimed or not self._more_due:
                 self.senders.quiet = claimed is not None
-                self._wake.wait(self._idle_wait())
+                wait, only_to_look = self._idle_wait()
+                looked = not self._wake.wait(wait) and only_to_look
                 self.senders.quiet = False
         return EXIT_OK
 
@@ -333,20 +343,25 @@ class Daemon:
         self.telemetry.rejected.labels(self.transport.name).inc()
         self.completer.finish(never.event, Outcome(Action.REJECTED, None, never.reason))
 
-    def _idle_wait(self) -> float:
+    def _idle_wait(self) -> tuple[float, bool]:
+        """How long to wait, and whether that is only to look for answers that quiet
+        senders did not wake us for (a turn with no claim, unless it writes)."""
         waits = [
-            self.settings.poll_interval,
+            self._poll_at - time.monotonic(),  # a claim at least every --poll-interval
             self.completer.renewal_in(),
             self.completer.retry_in(),
             self.completer.write_in(),
         ]
-        if self.completer.awaiting():
-            # Quiet senders do not wake us for an answer: collect it in time to write it.
-            waits.append(RECORD_WITHIN if self.senders.quiet else 0.5)
+        if self.completer.awaiting() and not self.senders.quiet:
+            waits.append(0.5)
         change = self.breaker.next_change_in()
         if change > 0:
             waits.append(change)
-        return max(0.001, min(waits))
+        wait = min(waits)
+        if self.completer.awaiting() and self.senders.quiet and wait > RECORD_WITHIN:
+            # Collect an answer in time to write it within RECORD_WITHIN.
+            return RECORD_WITHIN, True
+        return max(0.001, wait), False
 
     # -- outcomes --------------------------------------------------------------
 

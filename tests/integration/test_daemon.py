@@ -406,6 +406,18 @@ def test_a_contacts_events_committed_together_go_one_after_another_without_a_pol
     assert [r.json["event"] for r in endpoint.requests] == [f"step_{n}" for n in range(4)]
 
 
+def _count_calls(store: Any, calls: collections.Counter[str]) -> None:
+    """Count the store's claims and writes from now on; each still runs as it is."""
+    for name in ("claim_due", "record"):
+        method = getattr(store, name)
+
+        def counted(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(store, name, counted)
+
+
 def test_waiting_for_commits_a_daemon_claims_once_a_commit_and_writes_outcomes_together(
     engine, endpoint
 ):
@@ -414,15 +426,7 @@ def test_waiting_for_commits_a_daemon_claims_once_a_commit_and_writes_outcomes_t
     calls: collections.Counter[str] = collections.Counter()
     with running(engine, endpoint.url, poll_interval=HOURLY) as daemon:
         wait_until(lambda: daemon.daemon.completer.held() == 0, 10, "the first claim")
-        store = daemon.daemon.store
-        for name in ("claim_due", "record"):  # counted, then run as they are
-            method = getattr(store, name)
-
-            def counted(*args, _method=method, _name=name, **kwargs):  # type: ignore[no-untyped-def]
-                calls[_name] += 1
-                return _method(*args, **kwargs)
-
-            setattr(store, name, counted)
+        _count_calls(daemon.daemon.store, calls)
         for n in range(30):  # 200 commits a second at most
             add(engine, ev(f"c{n}@x.com"))
             time.sleep(0.005)
@@ -432,6 +436,44 @@ def test_waiting_for_commits_a_daemon_claims_once_a_commit_and_writes_outcomes_t
     # (about 54 claims and 29 writes on PostgreSQL, 26 and 20 on SQLite).
     assert calls["record"] <= 15, calls
     assert calls["claim_due"] <= 45, calls
+
+
+def test_waiting_for_a_slow_answer_a_daemon_does_not_claim_every_time_it_looks(engine, endpoint):
+    """While a request is out the loop looks every RECORD_WITHIN for its answer, to write
+    it in time; a look that finds nothing new is no reason to claim."""
+    endpoint.script("slow", Reply(204, delay=1.0))
+    calls: collections.Counter[str] = collections.Counter()
+    with running(engine, endpoint.url, poll_interval=HOURLY) as daemon:
+        # Past the slow start (one request at a time, claiming nothing more).
+        add(engine, *[ev(f"warm{n}@x.com") for n in range(8)])
+        wait_until(lambda: statuses(engine) == ["delivered"] * 8, 10, "the warm-up")
+        assert daemon.daemon.breaker.window() == 4
+        _count_calls(daemon.daemon.store, calls)
+        add(engine, ev("slow@x.com", "slow"))
+        wait_until(lambda: statuses(engine) == ["delivered"] * 9, 10, "the slow answer written")
+    # The commit's claim, and one after the outcome is written (it may free a
+    # contact's next event); 40 or so when each look claimed.
+    assert calls["claim_due"] <= 4, calls
+
+
+def test_while_the_loop_looks_for_a_slow_answer_it_still_polls_every_poll_interval(
+    engine, endpoint
+):
+    # A row that comes due by the clock (deliver_after) wakes nothing: only the poll
+    # claims it, and looking for answers every RECORD_WITHIN must not put the poll off.
+    endpoint.script("slow", Reply(204, delay=1.5))
+    with running(engine, endpoint.url, poll_interval=0.2) as daemon:
+        add(engine, *[ev(f"warm{n}@x.com") for n in range(8)])
+        wait_until(lambda: statuses(engine) == ["delivered"] * 8, 10, "the warm-up")
+        assert daemon.daemon.breaker.window() == 4
+        add(engine, ev("slow@x.com", "slow"))
+        wait_until(lambda: len(endpoint.requests) == 9, 5, "the slow request out")
+        with engine.begin() as conn:
+            track_event(
+                conn, email="soon@x.com", event="soon", deliver_after=dt.timedelta(seconds=0.1)
+            )
+        wait_until(lambda: "soon" in names(endpoint), 1.2, "the scheduled row sent")
+        assert statuses(engine)[8] == "in_flight"  # the slow answer still awaited
 
 
 def test_a_retry_goes_out_when_due_without_a_poll(engine, endpoint):
