@@ -352,13 +352,14 @@ class Daemon:
             self.completer.retry_in(),
             self.completer.write_in(),
         ]
-        if self.completer.awaiting() and not self.senders.quiet:
+        awaiting, quiet = self.completer.awaiting(), self.senders.quiet
+        if awaiting and not quiet:
             waits.append(0.5)
         change = self.breaker.next_change_in()
         if change > 0:
             waits.append(change)
         wait = min(waits)
-        if self.completer.awaiting() and self.senders.quiet and wait > RECORD_WITHIN:
+        if awaiting and quiet and wait > RECORD_WITHIN:
             # Collect an answer in time to write it within RECORD_WITHIN.
             return RECORD_WITHIN, True
         return max(0.001, wait), False

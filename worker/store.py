@@ -376,11 +376,9 @@ class OutboxStore:
         kept.conn = None  # this call's until it ends well
         try:
             yield conn
-        except BaseException as exc:
+        except BaseException:
             with contextlib.suppress(Exception):
-                if getattr(exc, "connection_invalidated", False):
-                    conn.invalidate()  # broken: never back to the pool
-                conn.close()
+                conn.close()  # a broken one fails the pool's reset and is discarded
             raise
         if self._keeps:
             kept.conn, kept.used = conn, time.monotonic()

@@ -242,9 +242,12 @@ def test_a_kept_connection_that_broke_is_dropped_and_the_next_claim_takes_a_fres
     assert claim(store, token="t0") == []  # the kept connection is open now
     (event_id,) = add(engine, "k@x.com")
     _terminate_other_backends(engine)
+    invalidated: list[BaseException | None] = []
+    sa.event.listen(engine, "invalidate", lambda _conn, _record, exc: invalidated.append(exc))
     with pytest.raises(sa.exc.DBAPIError) as failed:
         claim(store, token="t1")
     assert db.is_transient(failed.value)
+    assert invalidated, "the broken connection went back to the pool"
     assert ids_of(claim(store, token="t2")) == [event_id]
     store.close()
     assert engine.pool.checkedout() == 0
