@@ -376,9 +376,13 @@ class OutboxStore:
         kept.conn = None  # this call's until it ends well
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
-                conn.close()  # a broken one fails the pool's reset and is discarded
+                if getattr(exc, "connection_invalidated", False):
+                    # Broken: discarded now. Handed back, it would fail the pool's reset,
+                    # which the pool logs with a traceback before discarding it.
+                    conn.invalidate()
+                conn.close()
             raise
         if self._keeps:
             kept.conn, kept.used = conn, time.monotonic()
